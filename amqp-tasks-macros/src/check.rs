@@ -1,0 +1,384 @@
+//! Checking: turns what was parsed into a [`Task`] model, or into spanned errors that point at the
+//! offending tokens (all of them at once, not only the first).
+
+use crate::parse::{Setting, TaskArgs, TaskFn, combine};
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericArgument, Ident, Lit, Pat, PathArguments, ReturnType, Type};
+
+/// A task, validated and ready to expand.
+pub struct Task {
+    pub item: TaskFn,
+    pub name: String,
+    pub queue: String,
+    pub timeout_ms: Option<u64>,
+    pub retries: u32,
+    pub backoff_ms: Option<u64>,
+    pub json: bool,
+    /// The `Context` parameter, when the function takes one first.
+    pub context: Option<Ident>,
+    pub params: Vec<Param>,
+    pub output: Output,
+}
+
+pub struct Param {
+    pub ident: Ident,
+    pub ty: Type,
+}
+
+pub struct Output {
+    /// The written return type (`()` when there is none).
+    pub ty: Type,
+    /// `Some((T, E))` when the return type is written `Result<T, E>`.
+    pub fallible: Option<(Type, Type)>,
+}
+
+pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
+    let mut errors = None;
+    let sig = &item.sig;
+
+    if sig.asyncness.is_none() {
+        combine(
+            &mut errors,
+            syn::Error::new(sig.fn_token.span(), "a #[task] function must be `async`: write `async fn`"),
+        );
+    }
+    if let Some(constness) = &sig.constness {
+        combine(&mut errors, syn::Error::new(constness.span(), "a #[task] function cannot be `const`"));
+    }
+    if let syn::Safety::Unsafe(token) = &sig.safety {
+        combine(&mut errors, syn::Error::new(token.span(), "a #[task] function cannot be `unsafe`"));
+    }
+    if let Some(abi) = &sig.abi {
+        combine(&mut errors, syn::Error::new(abi.span(), "a #[task] function cannot have an `extern` ABI"));
+    }
+    if !sig.generics.params.is_empty() {
+        combine(
+            &mut errors,
+            syn::Error::new(
+                sig.generics.params.span(),
+                "a #[task] function cannot be generic: a worker must know the concrete argument \
+                 types to decode a message",
+            ),
+        );
+    }
+    if let Some(where_clause) = &sig.generics.where_clause {
+        combine(&mut errors, syn::Error::new(where_clause.span(), "a #[task] function cannot have a `where` clause"));
+    }
+    if let Some(variadic) = &sig.variadic {
+        combine(&mut errors, syn::Error::new(variadic.span(), "a #[task] function cannot be variadic"));
+    }
+
+    let mut context = None;
+    let mut params = Vec::new();
+    for (position, input) in sig.inputs.iter().enumerate() {
+        let typed = match input {
+            FnArg::Receiver(receiver) => {
+                combine(
+                    &mut errors,
+                    syn::Error::new(
+                        receiver.self_token.span(),
+                        "a #[task] function cannot take `self`: tasks are free functions; pass the \
+                         data it needs as arguments",
+                    ),
+                );
+                continue;
+            }
+            FnArg::Typed(typed) => typed,
+        };
+        let ident = match &*typed.pat {
+            Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => pat.ident.clone(),
+            other => {
+                combine(
+                    &mut errors,
+                    syn::Error::new(
+                        other.span(),
+                        "a #[task] argument must be a plain name (`name: Type`), because it is \
+                         also the argument's key on the wire; destructure it inside the body",
+                    ),
+                );
+                continue;
+            }
+        };
+        if is_context(&typed.ty) {
+            if position != 0 {
+                combine(
+                    &mut errors,
+                    syn::Error::new(typed.ty.span(), "`Context` must be the first parameter of a task"),
+                );
+            } else if item.body.is_none() {
+                combine(
+                    &mut errors,
+                    syn::Error::new(
+                        typed.ty.span(),
+                        "declare a task served elsewhere without its `Context` parameter: the \
+                         caller does not send it",
+                    ),
+                );
+            } else {
+                context = Some(ident);
+            }
+            continue;
+        }
+        if let Some(error) = unsupported_type(&typed.ty, "argument") {
+            combine(&mut errors, error);
+            continue;
+        }
+        params.push(Param { ident, ty: (*typed.ty).clone() });
+    }
+
+    let output = match &sig.output {
+        ReturnType::Default => Output { ty: syn::parse_quote!(()), fallible: None },
+        ReturnType::Type(_, ty) => {
+            if let Some(error) = unsupported_type(ty, "return") {
+                combine(&mut errors, error);
+            }
+            Output { ty: (**ty).clone(), fallible: result_parts(ty) }
+        }
+    };
+
+    let fn_name = sig.ident.to_string().trim_start_matches("r#").to_owned();
+    let name = match args.name {
+        Some(Setting { value, span }) => {
+            if let Some(error) = invalid_name(&value, span, "name") {
+                combine(&mut errors, error);
+            }
+            value
+        }
+        None => fn_name,
+    };
+    let queue = match args.queue {
+        Some(Setting { value, span }) => {
+            if let Some(error) = invalid_name(&value, span, "queue") {
+                combine(&mut errors, error);
+            }
+            value
+        }
+        None => name.clone(),
+    };
+    let timeout_ms = take(&mut errors, args.timeout.map(|s| duration_ms(&s, "timeout")).transpose());
+    let backoff_ms = take(&mut errors, args.backoff.map(|s| duration_ms(&s, "backoff")).transpose());
+    let retries = take(&mut errors, args.retries.map(|s| retries(&s)).transpose()).unwrap_or(0);
+    let json = match args.codec {
+        None => false,
+        Some(Setting { value, .. }) if value == "bincode" => false,
+        Some(Setting { value, .. }) if value == "json" => true,
+        Some(Setting { value, span }) => {
+            combine(
+                &mut errors,
+                syn::Error::new(span, format!("unknown codec `{value}`; expected \"bincode\" or \"json\"")),
+            );
+            false
+        }
+    };
+
+    if let Some(errors) = errors {
+        return Err(errors);
+    }
+    Ok(Task {
+        item,
+        name,
+        queue,
+        timeout_ms,
+        retries,
+        backoff_ms,
+        json,
+        context,
+        params,
+        output,
+    })
+}
+
+fn take<T>(errors: &mut Option<syn::Error>, result: syn::Result<Option<T>>) -> Option<T> {
+    match result {
+        Ok(value) => value,
+        Err(error) => {
+            combine(errors, error);
+            None
+        }
+    }
+}
+
+/// `Context`, `amqp_tasks::Context`, `::amqp_tasks::Context`: matched by its last segment, as the
+/// macro cannot resolve imports.
+fn is_context(ty: &Type) -> bool {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|segment| segment.ident == "Context" && segment.arguments.is_empty()),
+        _ => false,
+    }
+}
+
+/// Types that cannot travel in a message: borrowed, `impl Trait`, or with lifetimes.
+fn unsupported_type(ty: &Type, role: &str) -> Option<syn::Error> {
+    match ty {
+        Type::Reference(reference) => Some(syn::Error::new(
+            reference.and_token.span(),
+            format!("a task {role} type must be owned (it travels in a message): use `String`, `Vec<T>`, ... instead of a reference"),
+        )),
+        Type::ImplTrait(impl_trait) => Some(syn::Error::new(
+            impl_trait.impl_token.span(),
+            format!("a task {role} type cannot be `impl Trait`: the worker needs a concrete type to decode"),
+        )),
+        Type::Path(path) => path.path.segments.iter().find_map(|segment| match &segment.arguments {
+            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                GenericArgument::Lifetime(lifetime) => Some(syn::Error::new(
+                    lifetime.span(),
+                    format!("a task {role} type must be `'static` (it travels in a message)"),
+                )),
+                GenericArgument::Type(inner) => unsupported_type(inner, role),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        Type::Tuple(tuple) => tuple.elems.iter().find_map(|elem| unsupported_type(elem, role)),
+        Type::Array(array) => unsupported_type(&array.elem, role),
+        Type::Paren(paren) => unsupported_type(&paren.elem, role),
+        _ => None,
+    }
+}
+
+/// `Result<T, E>` as written (any path ending in `Result` with two type arguments).
+fn result_parts(ty: &Type) -> Option<(Type, Type)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+    let mut types = args.args.iter().filter_map(|arg| match arg {
+        GenericArgument::Type(ty) => Some(ty.clone()),
+        _ => None,
+    });
+    let (ok, err) = (types.next()?, types.next()?);
+    types.next().is_none().then_some((ok, err))
+}
+
+fn invalid_name(value: &str, span: Span, key: &str) -> Option<syn::Error> {
+    let problem = if value.is_empty() {
+        "cannot be empty"
+    } else if value.len() > 200 {
+        "must be at most 200 bytes (queue names are limited to 255)"
+    } else if value.starts_with("amq.") {
+        "cannot start with `amq.`, which RabbitMQ reserves"
+    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        "cannot contain whitespace"
+    } else {
+        return None;
+    };
+    Some(syn::Error::new(span, format!("the task {key} {problem}")))
+}
+
+fn retries(setting: &Setting<Lit>) -> syn::Result<u32> {
+    match &setting.value {
+        Lit::Int(int) => int.base10_parse::<u32>(),
+        _ => Err(syn::Error::new(setting.span, "`retries` takes a whole number, such as `retries = 3`")),
+    }
+}
+
+/// `30` (seconds), `"30s"`, `"500ms"`, `"2m"`, `"1h"`.
+fn duration_ms(setting: &Setting<Lit>, key: &str) -> syn::Result<u64> {
+    let invalid = || {
+        syn::Error::new(
+            setting.span,
+            format!("`{key}` takes seconds (`{key} = 30`) or a duration with a unit: \"500ms\", \"30s\", \"2m\", \"1h\""),
+        )
+    };
+    let ms = match &setting.value {
+        Lit::Int(int) => int.base10_parse::<u64>().map_err(|_| invalid())?.checked_mul(1000),
+        Lit::Str(text) => parse_duration_ms(&text.value()),
+        _ => None,
+    }
+    .ok_or_else(invalid)?;
+    if ms == 0 {
+        return Err(syn::Error::new(setting.span, format!("`{key}` must be longer than zero")));
+    }
+    Ok(ms)
+}
+
+pub fn parse_duration_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::quote;
+
+    fn checked(attr: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> syn::Result<Task> {
+        check(TaskArgs::parse(attr).unwrap(), syn::parse2(item).unwrap())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms"), Some(500));
+        assert_eq!(parse_duration_ms("30s"), Some(30_000));
+        assert_eq!(parse_duration_ms("2m"), Some(120_000));
+        assert_eq!(parse_duration_ms("1h"), Some(3_600_000));
+        assert_eq!(parse_duration_ms("1 fortnight"), None);
+        assert_eq!(parse_duration_ms("s"), None);
+    }
+
+    #[test]
+    fn defaults_name_and_queue_to_the_function() {
+        let task = checked(quote!(), quote!(pub async fn add(a: i64, b: i64) -> i64 { a + b })).unwrap();
+        assert_eq!((task.name.as_str(), task.queue.as_str()), ("add", "add"));
+        assert_eq!(task.params.len(), 2);
+        assert!(task.output.fallible.is_none());
+    }
+
+    #[test]
+    fn recognises_fallible_tasks_and_context() {
+        let task = checked(
+            quote!(name = "stats.avg", timeout = 5),
+            quote!(async fn avg(ctx: amqp_tasks::Context, xs: Vec<i64>) -> Result<i64, StatsError> { todo!() }),
+        )
+        .unwrap();
+        assert_eq!(task.context.unwrap(), "ctx");
+        assert_eq!(task.params.len(), 1);
+        assert!(task.output.fallible.is_some());
+        assert_eq!(task.timeout_ms, Some(5_000));
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let error = match checked(quote!(), quote!(fn bad<T>(&self, (a, b): (T, T)) {})) {
+            Err(error) => error,
+            Ok(_) => panic!("accepted a bad task"),
+        };
+        let messages: Vec<String> = error.into_iter().map(|e| e.to_string()).collect();
+        assert_eq!(messages.len(), 4, "{messages:#?}");
+        assert!(messages[0].contains("must be `async`"));
+        assert!(messages[1].contains("cannot be generic"));
+        assert!(messages[2].contains("cannot take `self`"));
+        assert!(messages[3].contains("plain name"));
+    }
+
+    #[test]
+    fn context_only_first_and_not_in_declarations() {
+        let late = checked(quote!(), quote!(async fn f(a: i64, ctx: Context) {})).err().unwrap();
+        assert!(late.to_string().contains("first parameter"));
+        let declared = checked(quote!(), quote!(async fn f(ctx: Context, a: i64);)).err().unwrap();
+        assert!(declared.to_string().contains("without its `Context`"));
+    }
+
+    #[test]
+    fn references_are_rejected() {
+        let error = checked(quote!(), quote!(async fn f(a: &str) {})).err().unwrap();
+        assert!(error.to_string().contains("must be owned"));
+    }
+}
