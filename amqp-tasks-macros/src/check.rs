@@ -40,17 +40,29 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
     if sig.asyncness.is_none() {
         combine(
             &mut errors,
-            syn::Error::new(sig.fn_token.span(), "a #[task] function must be `async`: write `async fn`"),
+            syn::Error::new(
+                sig.fn_token.span(),
+                "a #[task] function must be `async`: write `async fn`",
+            ),
         );
     }
     if let Some(constness) = &sig.constness {
-        combine(&mut errors, syn::Error::new(constness.span(), "a #[task] function cannot be `const`"));
+        combine(
+            &mut errors,
+            syn::Error::new(constness.span(), "a #[task] function cannot be `const`"),
+        );
     }
     if let syn::Safety::Unsafe(token) = &sig.safety {
-        combine(&mut errors, syn::Error::new(token.span(), "a #[task] function cannot be `unsafe`"));
+        combine(
+            &mut errors,
+            syn::Error::new(token.span(), "a #[task] function cannot be `unsafe`"),
+        );
     }
     if let Some(abi) = &sig.abi {
-        combine(&mut errors, syn::Error::new(abi.span(), "a #[task] function cannot have an `extern` ABI"));
+        combine(
+            &mut errors,
+            syn::Error::new(abi.span(), "a #[task] function cannot have an `extern` ABI"),
+        );
     }
     if !sig.generics.params.is_empty() {
         combine(
@@ -63,10 +75,19 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         );
     }
     if let Some(where_clause) = &sig.generics.where_clause {
-        combine(&mut errors, syn::Error::new(where_clause.span(), "a #[task] function cannot have a `where` clause"));
+        combine(
+            &mut errors,
+            syn::Error::new(
+                where_clause.span(),
+                "a #[task] function cannot have a `where` clause",
+            ),
+        );
     }
     if let Some(variadic) = &sig.variadic {
-        combine(&mut errors, syn::Error::new(variadic.span(), "a #[task] function cannot be variadic"));
+        combine(
+            &mut errors,
+            syn::Error::new(variadic.span(), "a #[task] function cannot be variadic"),
+        );
     }
 
     let mut context = None;
@@ -104,7 +125,10 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
             if position != 0 {
                 combine(
                     &mut errors,
-                    syn::Error::new(typed.ty.span(), "`Context` must be the first parameter of a task"),
+                    syn::Error::new(
+                        typed.ty.span(),
+                        "`Context` must be the first parameter of a task",
+                    ),
                 );
             } else if item.body.is_none() {
                 combine(
@@ -124,16 +148,25 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
             combine(&mut errors, error);
             continue;
         }
-        params.push(Param { ident, ty: (*typed.ty).clone() });
+        params.push(Param {
+            ident,
+            ty: (*typed.ty).clone(),
+        });
     }
 
     let output = match &sig.output {
-        ReturnType::Default => Output { ty: syn::parse_quote!(()), fallible: None },
+        ReturnType::Default => Output {
+            ty: syn::parse_quote!(()),
+            fallible: None,
+        },
         ReturnType::Type(_, ty) => {
             if let Some(error) = unsupported_type(ty, "return") {
                 combine(&mut errors, error);
             }
-            Output { ty: (**ty).clone(), fallible: result_parts(ty) }
+            Output {
+                ty: (**ty).clone(),
+                fallible: result_parts(ty),
+            }
         }
     };
 
@@ -156,8 +189,14 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         }
         None => name.clone(),
     };
-    let timeout_ms = take(&mut errors, args.timeout.map(|s| duration_ms(&s, "timeout")).transpose());
-    let backoff_ms = take(&mut errors, args.backoff.map(|s| duration_ms(&s, "backoff")).transpose());
+    let timeout_ms = take(
+        &mut errors,
+        args.timeout.map(|s| duration_ms(&s, "timeout")).transpose(),
+    );
+    let backoff_ms = take(
+        &mut errors,
+        args.backoff.map(|s| duration_ms(&s, "backoff")).transpose(),
+    );
     let retries = take(&mut errors, args.retries.map(|s| retries(&s)).transpose()).unwrap_or(0);
     let json = match args.codec {
         None => false,
@@ -166,7 +205,10 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         Some(Setting { value, span }) => {
             combine(
                 &mut errors,
-                syn::Error::new(span, format!("unknown codec `{value}`; expected \"bincode\" or \"json\"")),
+                syn::Error::new(
+                    span,
+                    format!("unknown codec `{value}`; expected \"bincode\" or \"json\""),
+                ),
             );
             false
         }
@@ -217,24 +259,40 @@ fn unsupported_type(ty: &Type, role: &str) -> Option<syn::Error> {
     match ty {
         Type::Reference(reference) => Some(syn::Error::new(
             reference.and_token.span(),
-            format!("a task {role} type must be owned (it travels in a message): use `String`, `Vec<T>`, ... instead of a reference"),
+            format!(
+                "a task {role} type must be owned (it travels in a message): use `String`, `Vec<T>`, ... instead of a reference"
+            ),
         )),
         Type::ImplTrait(impl_trait) => Some(syn::Error::new(
             impl_trait.impl_token.span(),
-            format!("a task {role} type cannot be `impl Trait`: the worker needs a concrete type to decode"),
+            format!(
+                "a task {role} type cannot be `impl Trait`: the worker needs a concrete type to decode"
+            ),
         )),
-        Type::Path(path) => path.path.segments.iter().find_map(|segment| match &segment.arguments {
-            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
-                GenericArgument::Lifetime(lifetime) => Some(syn::Error::new(
-                    lifetime.span(),
-                    format!("a task {role} type must be `'static` (it travels in a message)"),
-                )),
-                GenericArgument::Type(inner) => unsupported_type(inner, role),
-                _ => None,
-            }),
-            _ => None,
-        }),
-        Type::Tuple(tuple) => tuple.elems.iter().find_map(|elem| unsupported_type(elem, role)),
+        Type::Path(path) => {
+            path.path
+                .segments
+                .iter()
+                .find_map(|segment| match &segment.arguments {
+                    PathArguments::AngleBracketed(args) => {
+                        args.args.iter().find_map(|arg| match arg {
+                            GenericArgument::Lifetime(lifetime) => Some(syn::Error::new(
+                                lifetime.span(),
+                                format!(
+                                    "a task {role} type must be `'static` (it travels in a message)"
+                                ),
+                            )),
+                            GenericArgument::Type(inner) => unsupported_type(inner, role),
+                            _ => None,
+                        })
+                    }
+                    _ => None,
+                })
+        }
+        Type::Tuple(tuple) => tuple
+            .elems
+            .iter()
+            .find_map(|elem| unsupported_type(elem, role)),
         Type::Array(array) => unsupported_type(&array.elem, role),
         Type::Paren(paren) => unsupported_type(&paren.elem, role),
         _ => None,
@@ -248,7 +306,9 @@ fn result_parts(ty: &Type) -> Option<(Type, Type)> {
     if last.ident != "Result" {
         return None;
     }
-    let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
     let mut types = args.args.iter().filter_map(|arg| match arg {
         GenericArgument::Type(ty) => Some(ty.clone()),
         _ => None,
@@ -275,7 +335,10 @@ fn invalid_name(value: &str, span: Span, key: &str) -> Option<syn::Error> {
 fn retries(setting: &Setting<Lit>) -> syn::Result<u32> {
     match &setting.value {
         Lit::Int(int) => int.base10_parse::<u32>(),
-        _ => Err(syn::Error::new(setting.span, "`retries` takes a whole number, such as `retries = 3`")),
+        _ => Err(syn::Error::new(
+            setting.span,
+            "`retries` takes a whole number, such as `retries = 3`",
+        )),
     }
 }
 
@@ -284,17 +347,25 @@ fn duration_ms(setting: &Setting<Lit>, key: &str) -> syn::Result<u64> {
     let invalid = || {
         syn::Error::new(
             setting.span,
-            format!("`{key}` takes seconds (`{key} = 30`) or a duration with a unit: \"500ms\", \"30s\", \"2m\", \"1h\""),
+            format!(
+                "`{key}` takes seconds (`{key} = 30`) or a duration with a unit: \"500ms\", \"30s\", \"2m\", \"1h\""
+            ),
         )
     };
     let ms = match &setting.value {
-        Lit::Int(int) => int.base10_parse::<u64>().map_err(|_| invalid())?.checked_mul(1000),
+        Lit::Int(int) => int
+            .base10_parse::<u64>()
+            .map_err(|_| invalid())?
+            .checked_mul(1000),
         Lit::Str(text) => parse_duration_ms(&text.value()),
         _ => None,
     }
     .ok_or_else(invalid)?;
     if ms == 0 {
-        return Err(syn::Error::new(setting.span, format!("`{key}` must be longer than zero")));
+        return Err(syn::Error::new(
+            setting.span,
+            format!("`{key}` must be longer than zero"),
+        ));
     }
     Ok(ms)
 }
@@ -319,7 +390,10 @@ mod tests {
     use super::*;
     use quote::quote;
 
-    fn checked(attr: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> syn::Result<Task> {
+    fn checked(
+        attr: proc_macro2::TokenStream,
+        item: proc_macro2::TokenStream,
+    ) -> syn::Result<Task> {
         check(TaskArgs::parse(attr).unwrap(), syn::parse2(item).unwrap())
     }
 
@@ -335,7 +409,15 @@ mod tests {
 
     #[test]
     fn defaults_name_and_queue_to_the_function() {
-        let task = checked(quote!(), quote!(pub async fn add(a: i64, b: i64) -> i64 { a + b })).unwrap();
+        let task = checked(
+            quote!(),
+            quote!(
+                pub async fn add(a: i64, b: i64) -> i64 {
+                    a + b
+                }
+            ),
+        )
+        .unwrap();
         assert_eq!((task.name.as_str(), task.queue.as_str()), ("add", "add"));
         assert_eq!(task.params.len(), 2);
         assert!(task.output.fallible.is_none());
@@ -345,7 +427,11 @@ mod tests {
     fn recognises_fallible_tasks_and_context() {
         let task = checked(
             quote!(name = "stats.avg", timeout = 5),
-            quote!(async fn avg(ctx: amqp_tasks::Context, xs: Vec<i64>) -> Result<i64, StatsError> { todo!() }),
+            quote!(
+                async fn avg(ctx: amqp_tasks::Context, xs: Vec<i64>) -> Result<i64, StatsError> {
+                    todo!()
+                }
+            ),
         )
         .unwrap();
         assert_eq!(task.context.unwrap(), "ctx");
@@ -356,7 +442,12 @@ mod tests {
 
     #[test]
     fn reports_every_problem_at_once() {
-        let error = match checked(quote!(), quote!(fn bad<T>(&self, (a, b): (T, T)) {})) {
+        let error = match checked(
+            quote!(),
+            quote!(
+                fn bad<T>(&self, (a, b): (T, T)) {}
+            ),
+        ) {
             Err(error) => error,
             Ok(_) => panic!("accepted a bad task"),
         };
@@ -370,15 +461,36 @@ mod tests {
 
     #[test]
     fn context_only_first_and_not_in_declarations() {
-        let late = checked(quote!(), quote!(async fn f(a: i64, ctx: Context) {})).err().unwrap();
+        let late = checked(
+            quote!(),
+            quote!(
+                async fn f(a: i64, ctx: Context) {}
+            ),
+        )
+        .err()
+        .unwrap();
         assert!(late.to_string().contains("first parameter"));
-        let declared = checked(quote!(), quote!(async fn f(ctx: Context, a: i64);)).err().unwrap();
+        let declared = checked(
+            quote!(),
+            quote!(
+                async fn f(ctx: Context, a: i64);
+            ),
+        )
+        .err()
+        .unwrap();
         assert!(declared.to_string().contains("without its `Context`"));
     }
 
     #[test]
     fn references_are_rejected() {
-        let error = checked(quote!(), quote!(async fn f(a: &str) {})).err().unwrap();
+        let error = checked(
+            quote!(),
+            quote!(
+                async fn f(a: &str) {}
+            ),
+        )
+        .err()
+        .unwrap();
         assert!(error.to_string().contains("must be owned"));
     }
 }

@@ -49,31 +49,59 @@ pub fn expand(task: &Task) -> TokenStream {
     let item = &task.item;
     let vis = &item.vis;
     let ident = &item.sig.ident;
-    let cfgs: Vec<_> = item.attrs.iter().filter(|a| a.path().is_ident("cfg")).collect();
-    let docs: Vec<_> = item.attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+    let cfgs: Vec<_> = item
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg"))
+        .collect();
+    let docs: Vec<_> = item
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
     let name = &task.name;
     let queue = &task.queue;
 
     let idents: Vec<_> = task.params.iter().map(|p| &p.ident).collect();
-    let keys: Vec<String> = idents.iter().map(|i| i.to_string().trim_start_matches("r#").to_owned()).collect();
+    let keys: Vec<String> = idents
+        .iter()
+        .map(|i| i.to_string().trim_start_matches("r#").to_owned())
+        .collect();
     let tys: Vec<_> = task.params.iter().map(|p| &p.ty).collect();
     let ty_texts: Vec<String> = tys.iter().map(|ty| type_text(ty)).collect();
     let output_text = type_text(&task.output.ty);
 
     let (ok_ty, err_ty) = match &task.output.fallible {
         Some((ok, err)) => (ok.to_token_stream(), err.to_token_stream()),
-        None => (task.output.ty.to_token_stream(), quote!(::core::convert::Infallible)),
+        None => (
+            task.output.ty.to_token_stream(),
+            quote!(::amqp_tasks::Never),
+        ),
     };
-    let timeout = millis(task.timeout_ms, quote!(::amqp_tasks::__private::DEFAULT_TIMEOUT));
-    let backoff = millis(task.backoff_ms, quote!(::amqp_tasks::__private::DEFAULT_BACKOFF));
+    let timeout = millis(
+        task.timeout_ms,
+        quote!(::amqp_tasks::__private::DEFAULT_TIMEOUT),
+    );
+    let backoff = millis(
+        task.backoff_ms,
+        quote!(::amqp_tasks::__private::DEFAULT_BACKOFF),
+    );
     let retries = task.retries;
-    let codec = if task.json { quote!(Json) } else { quote!(Bincode) };
+    let codec = if task.json {
+        quote!(Json)
+    } else {
+        quote!(Bincode)
+    };
     let indices = (0..idents.len()).map(syn::Index::from);
 
     let signature_text = format!(
         "{}({}) -> {}",
         ident.to_string().trim_start_matches("r#"),
-        keys.iter().zip(&ty_texts).map(|(k, t)| format!("{k}: {t}")).collect::<Vec<_>>().join(", "),
+        keys.iter()
+            .zip(&ty_texts)
+            .map(|(k, t)| format!("{k}: {t}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         output_text
     );
     let stub_doc = format!(
@@ -84,9 +112,9 @@ pub fn expand(task: &Task) -> TokenStream {
     );
 
     let assertions = {
-        let args = tys.iter().map(|ty| {
-            quote_spanned!(ty.span()=> ::amqp_tasks::__private::assert_argument::<#ty>();)
-        });
+        let args = tys.iter().map(
+            |ty| quote_spanned!(ty.span()=> ::amqp_tasks::__private::assert_argument::<#ty>();),
+        );
         let (ok_span, err_span) = match &task.output.fallible {
             Some((ok, err)) => (ok.span(), err.span()),
             None => (task.output.ty.span(), task.output.ty.span()),
@@ -252,19 +280,35 @@ mod tests {
     #[test]
     fn type_text_is_readable() {
         let ty: syn::Type = syn::parse_quote!(std::collections::HashMap<String, Vec<(i64, u8)>>);
-        assert_eq!(type_text(&ty), "std::collections::HashMap<String, Vec<(i64, u8)>>");
+        assert_eq!(
+            type_text(&ty),
+            "std::collections::HashMap<String, Vec<(i64, u8)>>"
+        );
         let ty: syn::Type = syn::parse_quote!([u8; 4]);
         assert_eq!(type_text(&ty), "[u8; 4]");
     }
 
     #[test]
     fn task_with_body_registers_a_handler() {
-        let out = expanded(quote!(), quote!(pub async fn add(a: i64, b: i64) -> i64 { a + b }));
-        assert!(out.contains("pub async fn add"), "keeps the function: {out}");
-        assert!(out.contains("pub enum add { }"), "declares the stub type: {out}");
+        let out = expanded(
+            quote!(),
+            quote!(
+                pub async fn add(a: i64, b: i64) -> i64 {
+                    a + b
+                }
+            ),
+        );
+        assert!(
+            out.contains("pub async fn add"),
+            "keeps the function: {out}"
+        );
+        assert!(
+            out.contains("pub enum add { }"),
+            "declares the stub type: {out}"
+        );
         assert!(out.contains("impl :: amqp_tasks :: __private :: Handler for add"));
         assert!(out.contains("inventory :: submit !"));
-        assert!(out.contains("type Error = :: core :: convert :: Infallible"));
+        assert!(out.contains("type Error = :: amqp_tasks :: Never"));
         assert!(out.contains("const NAME : & 'static str = \"add\""));
     }
 
@@ -272,11 +316,19 @@ mod tests {
     fn declaration_generates_only_the_stub() {
         let out = expanded(
             quote!(name = "billing.charge", codec = "json"),
-            quote!(pub async fn charge(order: Order) -> Result<Receipt, ChargeError>;),
+            quote!(
+                pub async fn charge(order: Order) -> Result<Receipt, ChargeError>;
+            ),
         );
-        assert!(!out.contains("Handler"), "no handler for a declaration: {out}");
+        assert!(
+            !out.contains("Handler"),
+            "no handler for a declaration: {out}"
+        );
         assert!(!out.contains("submit"), "nothing registered: {out}");
-        assert!(!out.contains("async fn charge"), "no function body to keep: {out}");
+        assert!(
+            !out.contains("async fn charge"),
+            "no function body to keep: {out}"
+        );
         assert!(out.contains("type Output = Receipt"));
         assert!(out.contains("type Error = ChargeError"));
         assert!(out.contains(":: amqp_tasks :: Codec :: Json"));
@@ -284,35 +336,73 @@ mod tests {
 
     #[test]
     fn context_is_passed_but_not_part_of_the_stub() {
-        let out = expanded(quote!(), quote!(async fn avg(ctx: Context, xs: Vec<i64>) -> i64 { 0 }));
+        let out = expanded(
+            quote!(),
+            quote!(
+                async fn avg(ctx: Context, xs: Vec<i64>) -> i64 {
+                    0
+                }
+            ),
+        );
         assert!(out.contains("fn new (xs : Vec < i64 >)"), "{out}");
         assert!(out.contains("avg (__amqp_tasks_ctx , xs) . await"), "{out}");
     }
 
     #[test]
     fn generated_code_names_only_absolute_paths() {
-        let user_fn = quote!(async fn f(a: u8) -> Result<u8, E> { Ok(a) }).to_string();
-        let out = expanded(quote!(), quote!(async fn f(a: u8) -> Result<u8, E> { Ok(a) }));
+        let user_fn = quote!(
+            async fn f(a: u8) -> Result<u8, E> {
+                Ok(a)
+            }
+        )
+        .to_string();
+        let out = expanded(
+            quote!(),
+            quote!(
+                async fn f(a: u8) -> Result<u8, E> {
+                    Ok(a)
+                }
+            ),
+        );
         let generated = out.replacen(&user_fn, "", 1);
         let tokens: Vec<&str> = generated.split_whitespace().collect();
-        let prelude = ["Result", "Ok", "Err", "Option", "Some", "None", "String", "Vec", "Box", "Send", "Future"];
+        let prelude = [
+            "Result", "Ok", "Err", "Option", "Some", "None", "String", "Vec", "Box", "Send",
+            "Future",
+        ];
         for (i, token) in tokens.iter().enumerate() {
             if prelude.contains(token) {
-                assert_eq!(tokens[i - 1], "::", "`{token}` relies on the prelude in: {generated}");
+                assert_eq!(
+                    tokens[i - 1],
+                    "::",
+                    "`{token}` relies on the prelude in: {generated}"
+                );
             }
         }
     }
 
     #[test]
     fn errors_keep_the_function() {
-        let out = expanded(quote!(), quote!(fn add(a: i64) -> i64 { a }));
+        let out = expanded(
+            quote!(),
+            quote!(
+                fn add(a: i64) -> i64 {
+                    a
+                }
+            ),
+        );
         assert!(out.contains("compile_error"), "{out}");
         assert!(out.contains("fn add (a : i64) -> i64 { a }"), "{out}");
     }
 
     #[test]
     fn non_function_is_an_error_not_a_panic() {
-        let out = expanded(quote!(), quote!(struct S;));
+        let out = expanded(
+            quote!(),
+            quote!(
+                struct S;
+            ),
+        );
         assert!(out.contains("compile_error"), "{out}");
         assert!(out.contains("struct S"), "{out}");
     }

@@ -34,7 +34,11 @@ impl TaskArgs {
                 .get_ident()
                 .map(|ident| ident.to_string())
                 .unwrap_or_default();
-            let key_span = meta.path.segments.first().map_or_else(Span::call_site, |s| s.ident.span());
+            let key_span = meta
+                .path
+                .segments
+                .first()
+                .map_or_else(Span::call_site, |s| s.ident.span());
             let duplicate = || syn::Error::new(key_span, format!("`{key}` is given twice"));
             let result = match key.as_str() {
                 "name" => set(&mut args.name, string(&meta)?, duplicate),
@@ -72,7 +76,11 @@ impl TaskArgs {
     }
 }
 
-fn set<T>(slot: &mut Option<T>, value: T, duplicate: impl FnOnce() -> syn::Error) -> syn::Result<()> {
+fn set<T>(
+    slot: &mut Option<T>,
+    value: T,
+    duplicate: impl FnOnce() -> syn::Error,
+) -> syn::Result<()> {
     if slot.is_some() {
         return Err(duplicate());
     }
@@ -82,13 +90,19 @@ fn set<T>(slot: &mut Option<T>, value: T, duplicate: impl FnOnce() -> syn::Error
 
 fn string(meta: &syn::meta::ParseNestedMeta) -> syn::Result<Setting<String>> {
     let lit: LitStr = meta.value()?.parse()?;
-    Ok(Setting { value: lit.value(), span: lit.span() })
+    Ok(Setting {
+        value: lit.value(),
+        span: lit.span(),
+    })
 }
 
 fn literal(meta: &syn::meta::ParseNestedMeta) -> syn::Result<Setting<Lit>> {
     let expr: Expr = meta.value()?.parse()?;
     match expr {
-        Expr::Lit(ExprLit { lit, .. }) => Ok(Setting { span: lit.span(), value: lit }),
+        Expr::Lit(ExprLit { lit, .. }) => Ok(Setting {
+            span: lit.span(),
+            value: lit,
+        }),
         other => Err(syn::Error::new_spanned(
             other,
             "expected a literal, such as `30`, `\"30s\"` or `\"500ms\"`",
@@ -131,7 +145,12 @@ impl Parse for TaskFn {
         } else {
             Some(Box::new(input.parse()?))
         };
-        Ok(TaskFn { attrs, vis, sig, body })
+        Ok(TaskFn {
+            attrs,
+            vis,
+            sig,
+            body,
+        })
     }
 }
 
@@ -143,7 +162,12 @@ mod tests {
     #[test]
     fn reads_every_key() {
         let args = TaskArgs::parse(quote!(
-            name = "math.div", queue = "math", timeout = "2s", retries = 3, backoff = "100ms", codec = "json"
+            name = "math.div",
+            queue = "math",
+            timeout = "2s",
+            retries = 3,
+            backoff = "100ms",
+            codec = "json"
         ))
         .unwrap();
         assert_eq!(args.name.unwrap().value, "math.div");
@@ -154,20 +178,32 @@ mod tests {
 
     #[test]
     fn unknown_key_lists_the_valid_ones() {
-        let error = TaskArgs::parse(quote!(nmae = "x")).err().unwrap().to_string();
+        let error = TaskArgs::parse(quote!(nmae = "x"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("unknown #[task] key `nmae`"), "{error}");
-        assert!(error.contains("name, queue, timeout, retries, backoff, codec"), "{error}");
+        assert!(
+            error.contains("name, queue, timeout, retries, backoff, codec"),
+            "{error}"
+        );
     }
 
     #[test]
     fn duplicate_key_is_an_error() {
-        let error = TaskArgs::parse(quote!(name = "a", name = "b")).err().unwrap().to_string();
+        let error = TaskArgs::parse(quote!(name = "a", name = "b"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("`name` is given twice"), "{error}");
     }
 
     #[test]
     fn parses_a_declaration_without_body() {
-        let item: TaskFn = syn::parse2(quote!(pub async fn charge(order: Order) -> Receipt;)).unwrap();
+        let item: TaskFn = syn::parse2(quote!(
+            pub async fn charge(order: Order) -> Receipt;
+        ))
+        .unwrap();
         assert!(item.body.is_none());
         assert_eq!(item.sig.ident, "charge");
     }

@@ -1,0 +1,607 @@
+//! [`Client`]: a connection to the broker that sends tasks and receives their replies.
+
+use crate::error::{CallError, Error};
+use crate::topology;
+use crate::wire;
+use futures_core::Stream;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, Event,
+};
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// The URL used when none is given: the local broker with RabbitMQ's default user.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A handle on one broker connection: sends tasks (`.delay(&client)`, `.call(&client)`), and
+/// is what a [`Worker`](crate::Worker) serves with. Cheap to clone; clones share the connection.
+///
+/// It owns one reply queue per connection, named by the client (`amqp-tasks.reply.<uuid>`,
+/// exclusive, auto-delete). When the connection drops, every call waiting on it fails at once with
+/// [`CallError::ConnectionLost`]; the next operation opens a new connection (with a new reply
+/// queue).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    config: ClientConfig,
+    current: Mutex<Option<Arc<Session>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone, Debug)]
+struct ClientConfig {
+    url: String,
+    namespace: Option<String>,
+    confirm_timeout: Duration,
+    connect_timeout: Duration,
+    connection_name: String,
+}
+
+/// Builds a [`Client`] with options: `Client::builder(url).namespace("staging").connect().await`.
+#[derive(Debug)]
+#[must_use]
+pub struct ClientBuilder {
+    config: ClientConfig,
+}
+
+impl ClientBuilder {
+    /// Prefixes every queue name with `<namespace>.`, on both sides, to keep environments (or
+    /// test runs) apart on one broker.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        self.config.namespace = (!namespace.is_empty()).then_some(namespace);
+        self
+    }
+
+    /// How long `.delay()` waits for the broker's publisher confirm (default 30 s).
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.config.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long connecting may take (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// The connection name shown in RabbitMQ's management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.config.connection_name = name.into();
+        self
+    }
+
+    /// Connects.
+    pub async fn connect(self) -> Result<Client, Error> {
+        if let Some(namespace) = &self.config.namespace {
+            topology::check_name(namespace)
+                .map_err(|e| Error::Config(format!("namespace: {e}")))?;
+        }
+        let client = Client {
+            inner: Arc::new(ClientInner {
+                config: self.config,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        };
+        client
+            .connect_session()
+            .await
+            .map_err(|source| Error::Connect {
+                url: redact(&client.inner.config.url),
+                source,
+            })?;
+        Ok(client)
+    }
+}
+
+impl Client {
+    /// Connects to `url` (`amqp://user:password@host:port/vhost`, the vhost URL-encoded: `%2f`
+    /// for `/`).
+    pub async fn connect(url: &str) -> Result<Client, Error> {
+        Client::builder(url).connect().await
+    }
+
+    /// Connects to `AMQP_URL` (default [`DEFAULT_URL`]) with the namespace in
+    /// `AMQP_TASKS_NAMESPACE`, if set.
+    pub async fn from_env() -> Result<Client, Error> {
+        let url = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let namespace = std::env::var("AMQP_TASKS_NAMESPACE").unwrap_or_default();
+        Client::builder(url).namespace(namespace).connect().await
+    }
+
+    /// A builder for a client with options.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            config: ClientConfig {
+                url: url.into(),
+                namespace: None,
+                confirm_timeout: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+                connection_name: format!(
+                    "amqp-tasks {} pid {}",
+                    std::env::args().next().unwrap_or_default(),
+                    std::process::id()
+                ),
+            },
+        }
+    }
+
+    /// The namespace prefixed to queue names, if any.
+    pub fn namespace(&self) -> Option<&str> {
+        self.inner.config.namespace.as_deref()
+    }
+
+    /// The broker-side name of a task queue: `queue`, or `<namespace>.queue`.
+    pub fn queue_name(&self, queue: &str) -> String {
+        topology::queue_name(self.namespace(), queue)
+    }
+
+    /// The URL without its password, for logs.
+    pub fn url_redacted(&self) -> String {
+        redact(&self.inner.config.url)
+    }
+
+    pub(crate) fn confirm_timeout(&self) -> Duration {
+        self.inner.config.confirm_timeout
+    }
+
+    /// Closes the connection; calls in flight fail with [`CallError::ConnectionLost`].
+    pub async fn close(&self) {
+        let session = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(session) = session {
+            session.close().await;
+        }
+    }
+
+    /// The live session, opening a new one if there is none or it was lost.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>, CallError> {
+        if let Some(session) = self.live_session() {
+            return Ok(session);
+        }
+        self.connect_session().await.map_err(|e| {
+            CallError::ConnectionLost(format!("cannot connect to {}: {e}", self.url_redacted()))
+        })
+    }
+
+    fn live_session(&self) -> Option<Arc<Session>> {
+        let current = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.as_ref().filter(|s| s.is_alive()).cloned()
+    }
+
+    async fn connect_session(&self) -> Result<Arc<Session>, lapin::Error> {
+        let _single_flight = self.inner.connecting.lock().await;
+        if let Some(session) = self.live_session() {
+            return Ok(session);
+        }
+        let config = &self.inner.config;
+        let session = tokio::time::timeout(config.connect_timeout, Session::open(config))
+            .await
+            .map_err(|_| {
+                lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ))
+            })??;
+        tracing::debug!(url = %self.url_redacted(), reply_queue = %session.reply_queue, "connected");
+        *self.inner.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Publishes with `mandatory` and waits for the publisher confirm until `deadline`.
+    pub(crate) async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        tokio::time::timeout_at(deadline, async {
+            let session = self.session().await?;
+            session.publish_confirmed(queue, body, properties).await
+        })
+        .await
+        .unwrap_or(Err(CallError::Timeout))
+    }
+
+    /// Publishes a request with `reply_to` and waits for its reply until `deadline`.
+    pub(crate) async fn request(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: Instant,
+    ) -> Result<Reply, CallError> {
+        tokio::time::timeout_at(deadline, async {
+            let session = self.session().await?;
+            let pending = session.register()?;
+            let properties = properties
+                .with_reply_to(wire::short(&session.reply_queue))
+                .with_correlation_id(wire::short(&pending.correlation.to_string()));
+            session.publish_confirmed(queue, body, properties).await?;
+            let mut pending = pending;
+            (&mut pending.receiver)
+                .await
+                .map_err(|_| CallError::ConnectionLost(session.lost_reason()))
+        })
+        .await
+        .unwrap_or(Err(CallError::Timeout))
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.url_redacted())
+            .field("namespace", &self.namespace())
+            .finish()
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        if let Some(session) = self
+            .current
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            session.retire("the client was dropped");
+        }
+    }
+}
+
+/// A reply as received, decoded by the typed call.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub kind: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// One connection with its publisher channel (confirms on) and reply queue.
+pub(crate) struct Session {
+    pub connection: Connection,
+    publisher: Channel,
+    reply_queue: String,
+    pending: Mutex<Pending>,
+    next_correlation: AtomicU64,
+    lost: watch::Sender<Option<String>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, oneshot::Sender<Reply>>,
+    lost: bool,
+}
+
+struct PendingReply {
+    correlation: u64,
+    receiver: oneshot::Receiver<Reply>,
+    session: Arc<Session>,
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.session
+            .lock_pending()
+            .waiting
+            .remove(&self.correlation);
+    }
+}
+
+impl Session {
+    async fn open(config: &ClientConfig) -> Result<Arc<Session>, lapin::Error> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(config.connection_name.clone().into());
+        let connection = Connection::connect(&config.url, properties).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+
+        // Named here, fresh per connection: a broker-named (`amq.gen-…`) or reused name breaks
+        // re-declaring it after a reconnect.
+        let reply_queue = topology::queue_name(
+            config.namespace.as_deref(),
+            &format!("amqp-tasks.reply.{}", uuid::Uuid::new_v4().simple()),
+        );
+        let replies = connection.create_channel().await?;
+        replies
+            .queue_declare(
+                reply_queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = replies
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+
+        let (lost, _) = watch::channel(None);
+        let session = Arc::new(Session {
+            publisher,
+            reply_queue,
+            pending: Mutex::new(Pending::default()),
+            next_correlation: AtomicU64::new(1),
+            lost,
+            connection,
+        });
+        tokio::spawn(route_replies(
+            Arc::downgrade(&session),
+            consumer,
+            session.lost.subscribe(),
+        ));
+        tokio::spawn(watch_connection(
+            Arc::downgrade(&session),
+            Box::pin(session.connection.events_listener()),
+            session.lost.subscribe(),
+        ));
+        Ok(session)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.lost.borrow().is_none() && self.connection.status().connected()
+    }
+
+    /// Resolves once the session is lost, with the reason.
+    pub async fn lost(&self) -> String {
+        let mut receiver = self.lost.subscribe();
+        match receiver.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "session dropped".to_owned(),
+        }
+    }
+
+    pub fn lost_reason(&self) -> String {
+        self.lost
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "reply not received".to_owned())
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every call waiting on this session fails now, and new ones go to a new session.
+    pub fn mark_lost(&self, reason: String) {
+        if self.end(reason.clone()) {
+            tracing::warn!(reason = %reason, "broker connection lost");
+        }
+    }
+
+    /// Ends the session on purpose (closed or dropped client).
+    fn retire(&self, reason: &str) {
+        self.end(reason.to_owned());
+    }
+
+    /// Marks the session ended and fails every waiting call; true if it was not ended already.
+    fn end(&self, reason: String) -> bool {
+        let newly = self.lost.send_if_modified(|lost| {
+            if lost.is_none() {
+                *lost = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        let mut pending = self.lock_pending();
+        pending.lost = true;
+        pending.waiting.clear();
+        newly
+    }
+
+    async fn close(&self) {
+        self.retire("the client was closed");
+        let _ = self
+            .connection
+            .close(200, "closed by amqp-tasks".into())
+            .await;
+    }
+
+    fn register(self: &Arc<Self>) -> Result<PendingReply, CallError> {
+        let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        let mut pending = self.lock_pending();
+        if pending.lost {
+            return Err(CallError::ConnectionLost(self.lost_reason()));
+        }
+        pending.waiting.insert(correlation, sender);
+        Ok(PendingReply {
+            correlation,
+            receiver,
+            session: self.clone(),
+        })
+    }
+
+    fn deliver(&self, delivery: lapin::message::Delivery) {
+        let correlation = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .and_then(|id| id.as_str().parse::<u64>().ok());
+        let sender = correlation.and_then(|c| self.lock_pending().waiting.remove(&c));
+        match sender {
+            Some(sender) => {
+                let _ = sender.send(Reply {
+                    kind: delivery
+                        .properties
+                        .kind()
+                        .as_ref()
+                        .map(|k| k.as_str().to_owned()),
+                    content_type: delivery
+                        .properties
+                        .content_type()
+                        .as_ref()
+                        .map(|c| c.as_str().to_owned()),
+                    body: delivery.data,
+                });
+            }
+            // The caller gave up (timeout) before the answer came: nothing waits for it.
+            None => {
+                tracing::debug!(correlation_id = ?delivery.properties.correlation_id(), "late or unknown reply dropped")
+            }
+        }
+    }
+
+    /// Publishes to the default exchange with `mandatory` and awaits the confirm.
+    pub async fn publish_confirmed(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), CallError> {
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                wire::short(queue),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        match confirm.await.map_err(|e| self.failed(e))? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                if returned.reply_code == 312 {
+                    Err(CallError::NoRoute {
+                        queue: queue.to_owned(),
+                    })
+                } else {
+                    Err(CallError::Rejected(format!(
+                        "returned by the broker: {}",
+                        returned.reply_text
+                    )))
+                }
+            }
+            Confirmation::Nack(None) => Err(CallError::Rejected(
+                "the broker nacked the message".to_owned(),
+            )),
+        }
+    }
+
+    fn failed(&self, error: lapin::Error) -> CallError {
+        // Any failure of the publisher channel retires the session: the next operation gets a
+        // fresh connection instead of a channel in an unknown state.
+        self.mark_lost(error.to_string());
+        CallError::ConnectionLost(error.to_string())
+    }
+}
+
+pub(crate) async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+async fn route_replies(
+    session: Weak<Session>,
+    mut consumer: Consumer,
+    mut lost: watch::Receiver<Option<String>>,
+) {
+    loop {
+        tokio::select! {
+            item = next(&mut consumer) => {
+                let Some(session) = session.upgrade() else { return };
+                match item {
+                    Some(Ok(delivery)) => session.deliver(delivery),
+                    Some(Err(error)) => return session.mark_lost(format!("reply consumer: {error}")),
+                    None => return session.mark_lost("the reply consumer was cancelled".to_owned()),
+                }
+            }
+            _ = lost.wait_for(Option::is_some) => return,
+        }
+    }
+}
+
+async fn watch_connection(
+    session: Weak<Session>,
+    mut events: Pin<Box<dyn Stream<Item = Event> + Send>>,
+    mut lost: watch::Receiver<Option<String>>,
+) {
+    loop {
+        tokio::select! {
+            event = next(&mut events) => match event {
+                Some(Event::Error(error)) => {
+                    if let Some(session) = session.upgrade() {
+                        session.mark_lost(error.to_string());
+                    }
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = lost.wait_for(Option::is_some) => return,
+        }
+    }
+}
+
+/// `amqp://user:secret@host/` → `amqp://user:***@host/`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..scheme_end],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact("amqp://user@host/"), "amqp://user@host/");
+    }
+}

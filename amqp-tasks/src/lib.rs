@@ -1,0 +1,165 @@
+//! Celery-like tasks for Rust over RabbitMQ, typed end to end.
+//!
+//! ```ignore
+//! use amqp_tasks::{task, CallError, Client};
+//!
+//! #[task]
+//! pub async fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! # async fn producer() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let id = add::new(1, 2).delay(&client).await?;   // returns once the broker confirmed it
+//! let sum = add::new(1, 2).call(&client).await?;   // 3, computed by a worker
+//! # Ok(()) }
+//!
+//! // the worker binary: serves every task linked into it
+//! fn main() -> std::process::ExitCode {
+//!     amqp_tasks::worker::main()
+//! }
+//! ```
+//!
+//! One process can be a producer (sends tasks, awaits answers), a worker (serves tasks) and a
+//! relay (while serving a task, calls a task of another service, through its [`Context`]).
+//!
+//! # What `#[task]` generates
+//!
+//! For
+//!
+//! ```ignore
+//! #[task(name = "math.div", timeout = "5s")]
+//! pub async fn div(a: i64, b: i64) -> Result<i64, DivError> { /* ... */ }
+//! ```
+//!
+//! it emits:
+//!
+//! 1. **the function, unchanged**: `div(6, 3).await` runs it locally (in unit tests, say);
+//! 2. **a stub type of the same name**, `pub enum div {}` (types and functions live in separate
+//!    namespaces, so both are `div`), with `div::new(a, b) -> TaskCall<div>`;
+//! 3. **`impl Task for div`**: the name, the queue, the timeout, the argument tuple
+//!    `(i64, i64)`, `Output = i64`, `Error = DivError` (for a task not written `Result<T, E>`,
+//!    `Output` is the return type and `Error` is [`Never`]), the
+//!    signature fingerprint and the JSON argument mapping;
+//! 4. for a function with a body, **a handler and its registration** (through `inventory`), so
+//!    that a worker in a binary that links this code serves it. A declaration without a body
+//!    (`pub async fn charge(order: Order) -> Receipt;`) generates only 2 and 3: a stub for a task
+//!    served elsewhere.
+//!
+//! Written by hand, the stub part is:
+//!
+//! ```ignore
+//! #[allow(non_camel_case_types)]
+//! pub enum div {}
+//!
+//! impl div {
+//!     pub fn new(a: i64, b: i64) -> amqp_tasks::TaskCall<div> {
+//!         amqp_tasks::TaskCall::new((a, b))
+//!     }
+//! }
+//!
+//! impl amqp_tasks::Task for div {
+//!     type Args = (i64, i64);
+//!     type Output = i64;
+//!     type Error = DivError;
+//!     const NAME: &'static str = "math.div";
+//!     const QUEUE: &'static str = "math.div";
+//!     const TIMEOUT: Duration = Duration::from_secs(5);
+//!     // RETRIES, BACKOFF, CODEC, PARAMS, OUTPUT, signature(), write_json(), read_json()
+//! }
+//! ```
+//!
+//! Attribute keys: `name` (default: the function's name), `queue` (default: the name; tasks that
+//! share a queue are served by one consumer), `timeout` (the handler's time limit and the default
+//! deadline of calls; seconds or `"500ms"`, `"30s"`, `"2m"`; default 60 s), `retries`, `backoff`,
+//! `codec` (`"bincode"`, the default, or `"json"`). Any other key is a compile error that lists
+//! these.
+//!
+//! Arguments and results must be `Serialize + DeserializeOwned + Send + 'static`; a first
+//! parameter of type [`Context`] is given by the worker and is not part of the stub. The function
+//! must be `async`, without `self`, generics or patterns in its parameters: each is a compile
+//! error pointing at the offending tokens.
+//!
+//! # Errors
+//!
+//! `.call()` returns `Result<T, CallError<E>>`: [`CallError::Task`] carries the task's own error
+//! intact; the other variants tell framework failures apart. Nothing waits forever: every call has
+//! a deadline, and `.delay()` a deadline for its publisher confirm.
+//!
+//! # Binaries that serve tasks of another crate
+//!
+//! Tasks register at link time, and a crate that nothing references is not linked: write
+//! `use that_crate as _;` in the worker binary. A worker with no tasks refuses to start, as does
+//! one where two tasks share a name.
+//!
+//! The wire format is documented in [`wire`]; the queues in [`topology`].
+
+#![warn(missing_docs)]
+
+mod client;
+pub mod codec;
+mod context;
+mod error;
+mod handler;
+pub mod registry;
+mod signature;
+mod task;
+pub mod topology;
+mod trace;
+pub mod wire;
+pub mod worker;
+
+pub use amqp_tasks_macros::task;
+pub use client::{Client, ClientBuilder, DEFAULT_URL};
+pub use codec::{Codec, CodecError};
+pub use context::Context;
+pub use error::{CallError, Error, Never};
+pub use signature::Signature;
+pub use task::{Caller, Param, Task, TaskCall, TaskId};
+pub use topology::QueueType;
+pub use worker::{Worker, WorkerBuilder};
+
+#[doc(hidden)]
+pub mod __private {
+    //! Used by the code `#[task]` generates; not a public API.
+    pub use crate::codec::{JsonArgsReader, JsonArgsWriter};
+    pub use crate::handler::{Handler, message};
+    pub use crate::registry::Registration;
+    pub use crate::signature::Signature;
+    pub use crate::task::Param;
+    pub use inventory;
+
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+    use std::time::Duration;
+
+    /// A task's time limit and call deadline when it sets no `timeout`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// The first retry delay when a task sets no `backoff`.
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+
+    /// What a task argument must be.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be a task argument",
+        label = "must be `Serialize + DeserializeOwned + Send + 'static`",
+        note = "derive `serde::Serialize` and `serde::Deserialize` for it"
+    )]
+    pub trait TaskArgument {}
+    impl<T: Serialize + DeserializeOwned + Send + 'static> TaskArgument for T {}
+
+    /// What a task result must be.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be a task result",
+        label = "must be `Serialize + DeserializeOwned + Send + 'static`",
+        note = "derive `serde::Serialize` and `serde::Deserialize` for it"
+    )]
+    pub trait TaskOutput {}
+    impl<T: Serialize + DeserializeOwned + Send + 'static> TaskOutput for T {}
+
+    /// Spans a missing bound on the user's argument type.
+    pub fn assert_argument<T: TaskArgument>() {}
+    /// Spans a missing bound on the user's result type.
+    pub fn assert_output<T: TaskOutput>() {}
+    /// Spans a missing bound on the user's error type.
+    pub fn assert_error<T: TaskOutput>() {}
+}

@@ -1,0 +1,443 @@
+//! The wire format: what a task and its reply look like on the broker. It is stable and meant to
+//! be spoken by other languages too.
+//!
+//! # A task
+//!
+//! Published to the default exchange (`""`) with routing key = the task's queue (the queue name,
+//! prefixed with `<namespace>.` when a namespace is configured) and `mandatory` set, so that a
+//! task without a queue is returned to its sender instead of dropped.
+//!
+//! | property | value |
+//! |---|---|
+//! | `message_id` | the task id (a UUID), stable across retries and replays |
+//! | `content_type` | `application/x-bincode` (default) or `application/json` |
+//! | `type` | `call` |
+//! | `delivery_mode` | `2` (persistent) for `.delay()`, `1` for `.call()` |
+//! | `expiration` | for `.call()`: milliseconds until its deadline |
+//! | `reply_to`, `correlation_id` | for `.call()`: where and under which id to answer |
+//! | `headers` | see below |
+//!
+//! | header | type | meaning |
+//! |---|---|---|
+//! | `task` | string | the task name; absent: the queue's only task (as aio-pika sends) |
+//! | `wire` | integer | wire version, `1` |
+//! | `signature` | string | 16 hex digits fingerprinting argument and result types; absent: not checked |
+//! | `attempt` | integer | 1 for the first run, incremented by retries |
+//! | `deadline` | integer | absolute deadline, Unix milliseconds; a worker does not start work past it |
+//! | `eta` | integer | not before, Unix milliseconds |
+//! | `root_id`, `parent_id` | string | task ids of the chain of tasks that caused this one |
+//! | `traceparent` | string | W3C trace context |
+//!
+//! The body holds the arguments: in bincode, the tuple of the arguments in order; in JSON, an
+//! object keyed by parameter name (`{"a": 1, "b": 2}`). Unknown and missing keys are errors that
+//! name the key; an `Option` argument may be left out.
+//!
+//! # A reply
+//!
+//! Published to the default exchange with routing key = `reply_to`, `correlation_id` copied from
+//! the request, `content_type` of the request's codec (JSON when that codec is unknown), and
+//! `type` = `result` or `error` (as aio-pika's RPC pattern does).
+//!
+//! - `result`: the body is the task's value.
+//! - `error`: the body is `{"error": {"kind", "type", "message", "args", "value"}}` in the
+//!   reply's codec (in bincode: those five fields in that order, `args` a list of strings and
+//!   `value` an option): `kind` is machine-readable ([`ErrorKind`]), `type` the error's type
+//!   name, `message` a human sentence, `args` = `[message]` (what aio-pika expects), `value` the
+//!   task's typed error value for `kind` = `task`.
+//!
+//! # A dead letter
+//!
+//! A message a worker cannot or must not run is republished, persistent, to `<queue>.dlq` with the
+//! original properties (minus `expiration`) and headers, plus `dead_reason` (an [`ErrorKind`]),
+//! `dead_error` (the message), `dead_queue` and `dead_at` (Unix milliseconds); only after its
+//! publisher confirm is the original acked.
+
+use crate::codec::{Codec, CodecError};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The wire version in the `wire` header.
+pub const WIRE_VERSION: i64 = 1;
+
+/// `type` of a task message.
+pub const TYPE_CALL: &str = "call";
+/// `type` of a successful reply.
+pub const TYPE_RESULT: &str = "result";
+/// `type` of an error reply.
+pub const TYPE_ERROR: &str = "error";
+
+/// Header names.
+pub mod header {
+    /// The task name.
+    pub const TASK: &str = "task";
+    /// The wire version.
+    pub const WIRE: &str = "wire";
+    /// The signature fingerprint.
+    pub const SIGNATURE: &str = "signature";
+    /// The attempt number, from 1.
+    pub const ATTEMPT: &str = "attempt";
+    /// The absolute deadline, Unix milliseconds.
+    pub const DEADLINE: &str = "deadline";
+    /// Not before, Unix milliseconds.
+    pub const ETA: &str = "eta";
+    /// The id of the first task of the chain.
+    pub const ROOT_ID: &str = "root_id";
+    /// The id of the task that sent this one.
+    pub const PARENT_ID: &str = "parent_id";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Dead letters: why ([`ErrorKind`](super::ErrorKind)).
+    pub const DEAD_REASON: &str = "dead_reason";
+    /// Dead letters: the error message.
+    pub const DEAD_ERROR: &str = "dead_error";
+    /// Dead letters: the queue the message came from.
+    pub const DEAD_QUEUE: &str = "dead_queue";
+    /// Dead letters: when, Unix milliseconds.
+    pub const DEAD_AT: &str = "dead_at";
+}
+
+/// Machine-readable kinds of error replies and dead letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The task returned its own error.
+    Task,
+    /// No task of that name is served here.
+    UnknownTask,
+    /// The arguments could not be decoded.
+    BadPayload,
+    /// The sender's signature fingerprint differs from the worker's.
+    SignatureMismatch,
+    /// The handler panicked.
+    Panicked,
+    /// The handler ran past its time limit.
+    TimeLimit,
+    /// The deadline passed before the task could start.
+    Deadline,
+    /// The `content_type` is not a supported codec.
+    UnsupportedContentType,
+    /// The body is larger than the worker accepts.
+    TooLarge,
+    /// The task succeeded but its result could not be encoded.
+    BadResult,
+}
+
+impl ErrorKind {
+    /// The name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Task => "task",
+            ErrorKind::UnknownTask => "unknown_task",
+            ErrorKind::BadPayload => "bad_payload",
+            ErrorKind::SignatureMismatch => "signature_mismatch",
+            ErrorKind::Panicked => "panicked",
+            ErrorKind::TimeLimit => "time_limit",
+            ErrorKind::Deadline => "deadline",
+            ErrorKind::UnsupportedContentType => "unsupported_content_type",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::BadResult => "bad_result",
+        }
+    }
+
+    /// The kind of a wire name.
+    pub fn parse(name: &str) -> Option<ErrorKind> {
+        const ALL: [ErrorKind; 10] = [
+            ErrorKind::Task,
+            ErrorKind::UnknownTask,
+            ErrorKind::BadPayload,
+            ErrorKind::SignatureMismatch,
+            ErrorKind::Panicked,
+            ErrorKind::TimeLimit,
+            ErrorKind::Deadline,
+            ErrorKind::UnsupportedContentType,
+            ErrorKind::TooLarge,
+            ErrorKind::BadResult,
+        ];
+        ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+}
+
+/// The headers of a task message.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct TaskHeaders {
+    pub task: Option<String>,
+    pub wire: Option<i64>,
+    pub signature: Option<String>,
+    pub attempt: u32,
+    pub deadline_ms: Option<u64>,
+    pub eta_ms: Option<u64>,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl TaskHeaders {
+    pub fn to_table(&self) -> FieldTable {
+        let mut table = FieldTable::default();
+        let mut string = |key: &str, value: &Option<String>| {
+            if let Some(value) = value {
+                table.insert(key.into(), AMQPValue::LongString(value.as_str().into()));
+            }
+        };
+        string(header::TASK, &self.task);
+        string(header::SIGNATURE, &self.signature);
+        string(header::ROOT_ID, &self.root_id);
+        string(header::PARENT_ID, &self.parent_id);
+        string(header::TRACEPARENT, &self.traceparent);
+        table.insert(
+            header::WIRE.into(),
+            AMQPValue::LongLongInt(self.wire.unwrap_or(WIRE_VERSION)),
+        );
+        table.insert(
+            header::ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(self.attempt.max(1))),
+        );
+        for (key, value) in [
+            (header::DEADLINE, self.deadline_ms),
+            (header::ETA, self.eta_ms),
+        ] {
+            if let Some(ms) = value {
+                table.insert(
+                    key.into(),
+                    AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+                );
+            }
+        }
+        table
+    }
+
+    /// Reads what it can; headers of the wrong type count as absent.
+    pub fn from_table(table: Option<&FieldTable>) -> TaskHeaders {
+        let Some(table) = table else {
+            return TaskHeaders {
+                attempt: 1,
+                ..TaskHeaders::default()
+            };
+        };
+        let get = |key: &str| table.inner().get(key);
+        TaskHeaders {
+            task: get(header::TASK).and_then(value_string),
+            wire: get(header::WIRE).and_then(value_i64),
+            signature: get(header::SIGNATURE).and_then(value_string),
+            attempt: get(header::ATTEMPT)
+                .and_then(value_i64)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(1)
+                .max(1),
+            deadline_ms: get(header::DEADLINE)
+                .and_then(value_i64)
+                .and_then(|n| u64::try_from(n).ok()),
+            eta_ms: get(header::ETA)
+                .and_then(value_i64)
+                .and_then(|n| u64::try_from(n).ok()),
+            root_id: get(header::ROOT_ID).and_then(value_string),
+            parent_id: get(header::PARENT_ID).and_then(value_string),
+            traceparent: get(header::TRACEPARENT).and_then(value_string),
+        }
+    }
+}
+
+/// A string header, whichever AMQP string type carries it.
+pub(crate) fn value_string(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// An integer header, whichever AMQP integer type (or decimal string) carries it.
+pub(crate) fn value_i64(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            value_string(value)?.trim().parse().ok()
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn short(text: &str) -> ShortString {
+    // ShortStrings are limited to 255 bytes; cut at a character boundary rather than panic.
+    let mut end = text.len().min(255);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::from(&text[..end])
+}
+
+/// The body of an `error` reply (see the [module documentation](self)).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ErrorReply<E> {
+    pub error: ErrorBody<E>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ErrorBody<E> {
+    pub kind: String,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub message: String,
+    pub args: Vec<String>,
+    pub value: Option<E>,
+}
+
+impl<E: Serialize> ErrorReply<E> {
+    pub fn new(kind: ErrorKind, type_name: &str, message: String, value: Option<E>) -> Self {
+        ErrorReply {
+            error: ErrorBody {
+                kind: kind.as_str().to_owned(),
+                type_name: type_name.to_owned(),
+                args: vec![message.clone()],
+                message,
+                value,
+            },
+        }
+    }
+}
+
+/// An error reply as received: what every sender provides, and the typed value when decodable.
+#[derive(Debug)]
+pub(crate) struct ReceivedError<E> {
+    pub kind: Option<String>,
+    pub type_name: String,
+    pub message: String,
+    pub value: Option<E>,
+}
+
+/// Decodes an `error` reply. JSON is read leniently (a reply from aio-pika has no `kind` and no
+/// `value`, and its `args` may hold anything).
+pub(crate) fn decode_error<E: DeserializeOwned>(
+    codec: Codec,
+    body: &[u8],
+) -> Result<ReceivedError<E>, CodecError> {
+    match codec {
+        Codec::Bincode => {
+            let reply: ErrorReply<E> = codec.decode(body)?;
+            Ok(ReceivedError {
+                kind: Some(reply.error.kind),
+                type_name: reply.error.type_name,
+                message: reply.error.message,
+                value: reply.error.value,
+            })
+        }
+        Codec::Json => {
+            let mut root: serde_json::Value = codec.decode(body)?;
+            let error = root
+                .get_mut("error")
+                .filter(|e| e.is_object())
+                .ok_or_else(|| CodecError::new("an error reply without an `error` object"))?;
+            let text = |e: &serde_json::Value, key: &str| {
+                e.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+            };
+            let value = match error.get_mut("value").map(serde_json::Value::take) {
+                Some(serde_json::Value::Null) | None => None,
+                Some(value) => serde_json::from_value(value).ok(),
+            };
+            Ok(ReceivedError {
+                kind: text(error, "kind"),
+                type_name: text(error, "type").unwrap_or_default(),
+                message: text(error, "message").unwrap_or_default(),
+                value,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip() {
+        let headers = TaskHeaders {
+            task: Some("math.div".into()),
+            wire: Some(1),
+            signature: Some("0123456789abcdef".into()),
+            attempt: 2,
+            deadline_ms: Some(1_700_000_000_000),
+            eta_ms: None,
+            root_id: Some("r".into()),
+            parent_id: Some("p".into()),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        };
+        assert_eq!(TaskHeaders::from_table(Some(&headers.to_table())), headers);
+    }
+
+    #[test]
+    fn missing_or_foreign_headers_are_tolerated() {
+        let none = TaskHeaders::from_table(None);
+        assert_eq!(none.attempt, 1);
+        let mut table = FieldTable::default();
+        table.insert("attempt".into(), AMQPValue::LongString("3".into()));
+        table.insert("deadline".into(), AMQPValue::Boolean(true));
+        table.insert("task".into(), AMQPValue::ShortString("add".into()));
+        let parsed = TaskHeaders::from_table(Some(&table));
+        assert_eq!(
+            (parsed.attempt, parsed.deadline_ms, parsed.task.as_deref()),
+            (3, None, Some("add"))
+        );
+    }
+
+    #[test]
+    fn error_reply_json_shape_matches_aio_pika() {
+        let reply = ErrorReply::new(
+            ErrorKind::Task,
+            "DivError",
+            "division by zero".into(),
+            Some("ByZero"),
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&Codec::Json.encode(&reply).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {"kind": "task", "type": "DivError", "message": "division by zero",
+                "args": ["division by zero"], "value": "ByZero"}})
+        );
+    }
+
+    #[test]
+    fn error_reply_decodes_in_both_codecs() {
+        for codec in [Codec::Bincode, Codec::Json] {
+            let reply = ErrorReply::new(ErrorKind::Panicked, "", "boom".into(), None::<()>);
+            let received: ReceivedError<String> =
+                decode_error(codec, &codec.encode(&reply).unwrap()).unwrap();
+            assert_eq!(received.kind.as_deref(), Some("panicked"));
+            assert_eq!(received.message, "boom");
+            assert!(received.value.is_none());
+        }
+        let python = br#"{"error": {"type": "ZeroDivisionError", "message": "division by zero", "args": [1, null]}}"#;
+        let received: ReceivedError<String> = decode_error(Codec::Json, python).unwrap();
+        assert_eq!(
+            (received.kind, received.type_name.as_str()),
+            (None, "ZeroDivisionError")
+        );
+    }
+
+    #[test]
+    fn error_kinds_round_trip() {
+        for name in [
+            "task",
+            "unknown_task",
+            "bad_payload",
+            "signature_mismatch",
+            "panicked",
+            "time_limit",
+            "deadline",
+            "unsupported_content_type",
+            "too_large",
+            "bad_result",
+        ] {
+            assert_eq!(ErrorKind::parse(name).unwrap().as_str(), name);
+        }
+        assert_eq!(ErrorKind::parse("nope"), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! Acknowledgements that do not serialise the consumer: handlers report finished deliveries to one
+//! acker task per channel, which acks each contiguous finished run of delivery tags with a single
+//! `multiple` ack, and a finished delivery stuck behind a slow one on its own (so that a slow task
+//! does not hold the prefetch window shut).
+//!
+//! A multiple ack covers exactly the tags this channel delivered and saw finished: an acker never
+//! outlives its channel, so no tag of an older channel can ack a newer channel's deliveries.
+
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use std::collections::BTreeSet;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Processed (answered and, where due, dead-lettered): ack.
+    Ack(u64),
+    /// Not started (shutdown) or not safely finished: back to the queue.
+    Requeue(u64),
+}
+
+/// Sends settlements to the channel's acker.
+#[derive(Clone)]
+pub(crate) struct AckSender(mpsc::UnboundedSender<Settle>);
+
+impl AckSender {
+    pub fn send(&self, settle: Settle) {
+        // The acker ends only with its channel, whose deliveries the broker returns anyway.
+        let _ = self.0.send(settle);
+    }
+}
+
+/// Starts the acker of `channel`; it ends once every [`AckSender`] is dropped and everything sent
+/// is acked.
+pub(crate) fn spawn(channel: Channel) -> (AckSender, JoinHandle<()>) {
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut window = AckWindow::default();
+        let mut batch = Vec::new();
+        while receiver.recv_many(&mut batch, 1024).await > 0 {
+            for settle in batch.drain(..) {
+                match settle {
+                    Settle::Ack(tag) => window.finished(tag),
+                    Settle::Requeue(tag) => {
+                        // Sent before any multiple ack that covers it, so it is not acked by one.
+                        let options = BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        };
+                        if let Err(error) = channel.basic_nack(tag, options).await {
+                            tracing::debug!(%error, tag, "requeue failed; the broker returns it with the channel");
+                        }
+                        window.settled_alone(tag);
+                    }
+                }
+            }
+            for ack in window.take_acks() {
+                let (tag, multiple) = match ack {
+                    Ack::Through(tag) => (tag, true),
+                    Ack::One(tag) => (tag, false),
+                };
+                if let Err(error) = channel.basic_ack(tag, BasicAckOptions { multiple }).await {
+                    tracing::debug!(%error, tag, "ack failed; the broker redelivers with the channel");
+                }
+            }
+        }
+    });
+    (AckSender(sender), task)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// `basic.ack(tag, multiple = true)`.
+    Through(u64),
+    /// `basic.ack(tag, multiple = false)`.
+    One(u64),
+}
+
+/// The pure bookkeeping of the acker. Delivery tags of a channel start at 1 and increase by 1.
+#[derive(Debug, Default)]
+pub(crate) struct AckWindow {
+    /// Every tag up to this one is settled.
+    settled_through: u64,
+    /// Finished, not acked yet.
+    finished: BTreeSet<u64>,
+    /// Settled on their own (acked alone or requeued), above `settled_through`.
+    alone: BTreeSet<u64>,
+}
+
+impl AckWindow {
+    pub fn finished(&mut self, tag: u64) {
+        if tag > self.settled_through {
+            self.finished.insert(tag);
+        }
+    }
+
+    pub fn settled_alone(&mut self, tag: u64) {
+        if tag > self.settled_through {
+            self.finished.remove(&tag);
+            self.alone.insert(tag);
+        }
+    }
+
+    /// The acks to send now: one multiple ack for the contiguous run (ending at its last tag not
+    /// yet settled alone), then each finished tag beyond a gap on its own.
+    pub fn take_acks(&mut self) -> Vec<Ack> {
+        let mut acks = Vec::new();
+        let mut through = None;
+        loop {
+            let next = self.settled_through + 1;
+            if self.finished.remove(&next) {
+                through = Some(next);
+            } else if !self.alone.remove(&next) {
+                break;
+            }
+            self.settled_through = next;
+        }
+        acks.extend(through.map(Ack::Through));
+        for tag in std::mem::take(&mut self.finished) {
+            acks.push(Ack::One(tag));
+            self.alone.insert(tag);
+        }
+        acks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguous_run_is_one_multiple_ack() {
+        let mut window = AckWindow::default();
+        for tag in [2, 1, 3] {
+            window.finished(tag);
+        }
+        assert_eq!(window.take_acks(), vec![Ack::Through(3)]);
+        assert_eq!(window.take_acks(), vec![]);
+    }
+
+    #[test]
+    fn finished_behind_a_gap_is_acked_alone_and_never_again() {
+        let mut window = AckWindow::default();
+        window.finished(1);
+        window.finished(3);
+        window.finished(4);
+        assert_eq!(
+            window.take_acks(),
+            vec![Ack::Through(1), Ack::One(3), Ack::One(4)]
+        );
+        window.finished(2);
+        // 3 and 4 were acked alone: the multiple ack ends at 2, which covers only 2.
+        assert_eq!(window.take_acks(), vec![Ack::Through(2)]);
+        window.finished(5);
+        assert_eq!(window.take_acks(), vec![Ack::Through(5)]);
+    }
+
+    #[test]
+    fn requeued_tags_are_skipped_not_acked() {
+        let mut window = AckWindow::default();
+        window.settled_alone(1);
+        window.finished(2);
+        assert_eq!(window.take_acks(), vec![Ack::Through(2)]);
+        window.settled_alone(3);
+        assert_eq!(window.take_acks(), vec![]);
+        window.finished(4);
+        assert_eq!(window.take_acks(), vec![Ack::Through(4)]);
+    }
+
+    #[test]
+    fn a_run_ending_in_a_tag_settled_alone_acks_up_to_the_last_finished_one() {
+        let mut window = AckWindow::default();
+        window.finished(2);
+        window.settled_alone(3);
+        assert_eq!(window.take_acks(), vec![Ack::One(2)]);
+        window.finished(1);
+        assert_eq!(window.take_acks(), vec![Ack::Through(1)]);
+    }
+}
