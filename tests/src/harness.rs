@@ -1,0 +1,307 @@
+//! The test harness: a namespace per test on the shared broker (cleaned up on drop, even after a
+//! panic), worker processes with captured logs, and raw lapin access for hand-made messages.
+
+use amqp_tasks::{Client, DEFAULT_URL};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Every wait in the tests is bounded by this, so that nothing hangs CI.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// Runs a test body with an overall time bound.
+pub async fn bounded<F: Future>(limit: Duration, body: F) -> F::Output {
+    match tokio::time::timeout(limit, body).await {
+        Ok(output) => output,
+        Err(_) => panic!("the test did not finish within {limit:?}"),
+    }
+}
+
+/// Waits until `check` returns `Some`, polling, for at most `limit`.
+pub async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `attempt` resolves to `Some`, retrying, for at most [`PATIENCE`].
+pub async fn eventually_async<T, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {PATIENCE:?} retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A namespace of queues on the shared broker, deleted when dropped.
+pub struct TestEnv {
+    pub namespace: String,
+    queues: Mutex<Vec<String>>,
+    pub dir: std::path::PathBuf,
+}
+
+impl TestEnv {
+    pub fn new(test: &str) -> TestEnv {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let namespace = format!("test.{test}.{}", &id[..8]);
+        let dir = std::env::temp_dir().join(format!("amqp-tasks-{test}-{}", &id[..8]));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let queues = amqp_tasks::registry::tasks()
+            .iter()
+            .flat_map(|t| {
+                let queue = format!("{namespace}.{}", t.queue());
+                [format!("{queue}.dlq"), queue]
+            })
+            .collect();
+        TestEnv { namespace, queues: Mutex::new(queues), dir }
+    }
+
+    /// The broker-side name of a queue of this namespace.
+    pub fn queue(&self, queue: &str) -> String {
+        format!("{}.{queue}", self.namespace)
+    }
+
+    /// Deletes this queue (and its `.dlq`) with the namespace.
+    pub fn track(&self, queue: &str) {
+        let mut queues = self.queues.lock().unwrap();
+        queues.push(self.queue(queue));
+        queues.push(format!("{}.dlq", self.queue(queue)));
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::builder(amqp_url())
+            .namespace(self.namespace.clone())
+            .connect()
+            .await
+            .expect("connect to RabbitMQ (is it running? see README)")
+    }
+
+    /// Starts a worker process of `binary` in this namespace.
+    pub fn worker(&self, binary: &str, args: &[&str]) -> WorkerProcess {
+        WorkerProcess::spawn(binary, args, &[("AMQP_URL", &amqp_url()), ("AMQP_TASKS_NAMESPACE", &self.namespace)])
+    }
+
+    /// A raw lapin channel, for messages a Rust stub would never send.
+    pub async fn raw(&self) -> Raw {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        Raw { _connection: connection, channel }
+    }
+
+    /// The number of messages in a queue of this namespace (passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let raw = self.raw().await;
+        raw.channel
+            .queue_declare(
+                self.queue(queue).as_str().into(),
+                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // A runtime of its own: the test's may be gone (or panicking).
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                for queue in queues {
+                    let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                let _ = connection.close(200, "test cleanup".into()).await;
+                Some(())
+            })
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Raw access to the broker.
+pub struct Raw {
+    _connection: Connection,
+    pub channel: Channel,
+}
+
+impl Raw {
+    /// An exclusive reply queue of its own; returns its name.
+    pub async fn reply_queue(&self) -> String {
+        let name = format!("test-replies-{}", uuid::Uuid::new_v4().simple());
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare reply queue");
+        name
+    }
+
+    /// Waits for one message on `queue` (basic.get, polled) and acks it.
+    pub async fn get(&self, queue: &str, limit: Duration) -> lapin::message::Delivery {
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get");
+            if let Some(message) = got {
+                return message.delivery;
+            }
+            if Instant::now() >= deadline {
+                panic!("no message on `{queue}` within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A worker running as a child process, its stderr captured line by line.
+pub struct WorkerProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// How many of its two output streams have closed.
+    closed: Arc<AtomicUsize>,
+}
+
+impl WorkerProcess {
+    pub fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .env("RUST_LOG", "info,amqp_tasks=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
+        for stream in [
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let (lines, closed) = (lines.clone(), closed.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        WorkerProcess { child, lines, closed }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing `needle`; fails at once if the worker exits without it.
+    pub async fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            if self.closed.load(Ordering::SeqCst) == 2 {
+                panic!("the worker exited before printing `{needle}`:\n{}", self.output());
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out waiting for `{needle}` from the worker:\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until it consumes its queues.
+    pub async fn ready(self) -> WorkerProcess {
+        self.wait_for("worker ready").await;
+        self
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
+    /// Waits for it to exit, for at most `limit`.
+    pub async fn exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let drained = self.closed.clone();
+                eventually("the worker's output to close", PATIENCE, || {
+                    (drained.load(Ordering::SeqCst) == 2).then_some(())
+                })
+                .await;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("the worker did not exit within {limit:?}:\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

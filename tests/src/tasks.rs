@@ -1,0 +1,158 @@
+//! The tasks the end-to-end tests call.
+
+use amqp_tasks::{CallError, Context, task};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+#[task]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DivError {
+    ByZero,
+    Overflow { a: i64, b: i64 },
+}
+
+impl std::fmt::Display for DivError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DivError::ByZero => f.write_str("division by zero"),
+            DivError::Overflow { a, b } => write!(f, "{a} / {b} overflows"),
+        }
+    }
+}
+
+#[task(name = "math.div")]
+pub async fn div(a: i64, b: i64) -> Result<i64, DivError> {
+    if b == 0 {
+        return Err(DivError::ByZero);
+    }
+    a.checked_div(b).ok_or(DivError::Overflow { a, b })
+}
+
+#[task]
+pub async fn boom(message: String) -> u32 {
+    panic!("{message}")
+}
+
+#[task(timeout = "30s")]
+pub async fn sleep_ms(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+#[task(timeout = "300ms")]
+pub async fn overrun(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Writes `<path>.started`, waits, then appends this process id to `<path>.done`.
+#[task(timeout = "30s")]
+pub async fn touch(path: String, ms: u64) -> u32 {
+    let _ = std::fs::write(format!("{path}.started"), std::process::id().to_string());
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let mut done = std::fs::read_to_string(format!("{path}.done")).unwrap_or_default();
+    done.push_str(&format!("{}\n", std::process::id()));
+    let _ = std::fs::write(format!("{path}.done"), done);
+    std::process::id()
+}
+
+#[task]
+pub async fn remaining_ms(ctx: Context) -> Option<u64> {
+    ctx.remaining().map(|d| d.as_millis() as u64)
+}
+
+#[task]
+pub async fn context_info(ctx: Context) -> (String, String, Option<String>, u32, bool) {
+    (
+        ctx.trace_id().to_owned(),
+        ctx.root_id().to_string(),
+        ctx.parent_id().map(ToString::to_string),
+        ctx.attempt(),
+        ctx.redelivered(),
+    )
+}
+
+#[task]
+pub async fn greet(name: String, times: u32, suffix: Option<String>) -> String {
+    let mut text = vec![format!("hello {name}"); times as usize].join(", ");
+    text.push_str(suffix.as_deref().unwrap_or(""));
+    text
+}
+
+#[task]
+pub async fn whoami(ms: u64) -> u32 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    std::process::id()
+}
+
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+static MOST: AtomicUsize = AtomicUsize::new(0);
+
+async fn probe(ms: u64) -> usize {
+    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+    MOST.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    RUNNING.fetch_sub(1, Ordering::SeqCst);
+    MOST.load(Ordering::SeqCst)
+}
+
+/// Returns the most tasks seen running at once in this process (shared with `probe_b`).
+#[task]
+pub async fn probe_a(ms: u64) -> usize {
+    probe(ms).await
+}
+
+#[task]
+pub async fn probe_b(ms: u64) -> usize {
+    probe(ms).await
+}
+
+// --- relays: tasks that call tasks -------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayError {
+    Div(DivError),
+    Downstream(String),
+}
+
+#[task]
+pub async fn relay_div(ctx: Context, a: i64, b: i64) -> Result<i64, RelayError> {
+    div::new(a, b).call(&ctx).await.map_err(|error| match error {
+        CallError::Task(error) => RelayError::Div(error),
+        other => RelayError::Downstream(other.to_string()),
+    })
+}
+
+/// Sleeps, then reports the deadline its downstream call inherited.
+#[task]
+pub async fn relay_remaining(ctx: Context, sleep_first_ms: u64) -> Result<Option<u64>, String> {
+    tokio::time::sleep(Duration::from_millis(sleep_first_ms)).await;
+    remaining_ms::new().call(&ctx).await.map_err(|e| e.to_string())
+}
+
+/// Calls a slow task; with a short deadline inherited, the downstream call times out.
+#[task]
+pub async fn relay_slow(ctx: Context, ms: u64) -> Result<u64, String> {
+    sleep_ms::new(ms).call(&ctx).await.map_err(|e| e.to_string())
+}
+
+/// (own trace id, downstream trace id, downstream parent id, own task id)
+#[task]
+pub async fn relay_trace(ctx: Context) -> Result<(String, String, Option<String>, String), String> {
+    let (trace, _root, parent, _, _) = context_info::new().call(&ctx).await.map_err(|e| e.to_string())?;
+    Ok((ctx.trace_id().to_owned(), trace, parent, ctx.task_id().to_string()))
+}
+
+/// Calls `add` `n` times one after the other, through its own process when it serves `add`.
+#[task]
+pub async fn relay_sum(ctx: Context, n: i64) -> Result<i64, String> {
+    let mut total = 0;
+    for i in 0..n {
+        total = add::new(total, i).call(&ctx).await.map_err(|e| e.to_string())?;
+    }
+    Ok(total)
+}
