@@ -15,6 +15,10 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
+/// How much longer than a task's time limit a call waits by default: the time for a time-limit
+/// error to travel back.
+const TRANSIT_ALLOWANCE: Duration = Duration::from_secs(1);
+
 /// A task's identity and types. `#[task]` implements it for the stub type it generates; you do
 /// not implement it by hand.
 pub trait Task: Send + Sync + 'static {
@@ -169,7 +173,8 @@ impl<T: Task> TaskCall<T> {
         }
     }
 
-    /// Shortens the deadline of `.call()` (it cannot be longer than the task's `timeout`).
+    /// Shortens the deadline of `.call()` (it cannot be longer than the task's `timeout` plus
+    /// one second).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -205,12 +210,14 @@ impl<T: Task> TaskCall<T> {
         Ok(id)
     }
 
-    /// Sends the task and awaits its result, until the deadline: the task's `timeout`, shortened
-    /// by [`TaskCall::timeout`] and, from a [`Context`], by the caller's own remaining deadline.
+    /// Sends the task and awaits its result, until the deadline: the task's `timeout` (plus one
+    /// second, so that a time-limit error can still reach the caller), shortened by
+    /// [`TaskCall::timeout`] and, from a [`Context`], by the caller's own remaining deadline.
     pub async fn call(self, caller: &impl Caller) -> Result<T::Output, CallError<T::Error>> {
         let origin = caller.origin();
         let client = origin.client;
-        let mut budget = self.timeout.map_or(T::TIMEOUT, |t| t.min(T::TIMEOUT));
+        let ceiling = T::TIMEOUT + TRANSIT_ALLOWANCE;
+        let mut budget = self.timeout.map_or(ceiling, |t| t.min(ceiling));
         if let Some(remaining) = origin.parent.and_then(Context::remaining) {
             budget = budget.min(remaining);
         }

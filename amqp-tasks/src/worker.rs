@@ -123,6 +123,7 @@ impl Worker {
             );
         }
         let shared = Arc::new(Shared {
+            abandon: watch::Sender::new(false),
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
             in_flight: Arc::new(InFlight::default()),
             client,
@@ -248,6 +249,8 @@ impl WorkerBuilder {
 
 struct Shared {
     client: Client,
+    /// Set when the grace period ran out: handlers still running stop where they are.
+    abandon: watch::Sender<bool>,
     semaphore: Arc<Semaphore>,
     in_flight: Arc<InFlight>,
     settings: Settings,
@@ -428,6 +431,14 @@ async fn drain(shared: &Shared, closings: Vec<Closing>) -> Result<(), Error> {
     let finished = tokio::time::timeout(shared.settings.grace, shared.in_flight.idle())
         .await
         .is_ok();
+    let running_at_expiry = shared.in_flight.count();
+    if !finished {
+        // Cancel what still runs; closing the channels returns its deliveries to the queues.
+        let _ = shared.abandon.send(true);
+        for closing in &closings {
+            closing.acker.abort();
+        }
+    }
     close_all(closings).await;
     if finished {
         tracing::info!("worker stopped");
@@ -435,7 +446,7 @@ async fn drain(shared: &Shared, closings: Vec<Closing>) -> Result<(), Error> {
     } else {
         Err(Error::GraceExpired(
             shared.settings.grace,
-            shared.in_flight.count(),
+            running_at_expiry,
         ))
     }
 }

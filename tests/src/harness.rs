@@ -80,7 +80,11 @@ impl TestEnv {
                 [format!("{queue}.dlq"), queue]
             })
             .collect();
-        TestEnv { namespace, queues: Mutex::new(queues), dir }
+        TestEnv {
+            namespace,
+            queues: Mutex::new(queues),
+            dir,
+        }
     }
 
     /// The broker-side name of a queue of this namespace.
@@ -109,14 +113,26 @@ impl TestEnv {
 
     /// Starts a worker process of `binary` in this namespace.
     pub fn worker(&self, binary: &str, args: &[&str]) -> WorkerProcess {
-        WorkerProcess::spawn(binary, args, &[("AMQP_URL", &amqp_url()), ("AMQP_TASKS_NAMESPACE", &self.namespace)])
+        WorkerProcess::spawn(
+            binary,
+            args,
+            &[
+                ("AMQP_URL", &amqp_url()),
+                ("AMQP_TASKS_NAMESPACE", &self.namespace),
+            ],
+        )
     }
 
     /// A raw lapin channel, for messages a Rust stub would never send.
     pub async fn raw(&self) -> Raw {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connect");
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect");
         let channel = connection.create_channel().await.expect("channel");
-        Raw { _connection: connection, channel }
+        Raw {
+            _connection: connection,
+            channel,
+        }
     }
 
     /// The number of messages in a queue of this namespace (passive declare).
@@ -125,7 +141,10 @@ impl TestEnv {
         raw.channel
             .queue_declare(
                 self.queue(queue).as_str().into(),
-                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -140,12 +159,19 @@ impl Drop for TestEnv {
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own: the test's may be gone (or panicking).
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             runtime.block_on(async {
-                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.ok()?;
+                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                    .await
+                    .ok()?;
                 let channel = connection.create_channel().await.ok()?;
                 for queue in queues {
-                    let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
                 }
                 let _ = connection.close(200, "test cleanup".into()).await;
                 Some(())
@@ -168,7 +194,11 @@ impl Raw {
         self.channel
             .queue_declare(
                 name.as_str().into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -216,12 +246,20 @@ impl WorkerProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let closed = Arc::new(AtomicUsize::new(0));
         for stream in [
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -234,7 +272,11 @@ impl WorkerProcess {
                 closed.fetch_add(1, Ordering::SeqCst);
             });
         }
-        WorkerProcess { child, lines, closed }
+        WorkerProcess {
+            child,
+            lines,
+            closed,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -250,15 +292,27 @@ impl WorkerProcess {
     pub async fn wait_for(&self, needle: &str) -> String {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let found = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned();
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned();
             if let Some(line) = found {
                 return line;
             }
             if self.closed.load(Ordering::SeqCst) == 2 {
-                panic!("the worker exited before printing `{needle}`:\n{}", self.output());
+                panic!(
+                    "the worker exited before printing `{needle}`:\n{}",
+                    self.output()
+                );
             }
             if Instant::now() >= deadline {
-                panic!("timed out waiting for `{needle}` from the worker:\n{}", self.output());
+                panic!(
+                    "timed out waiting for `{needle}` from the worker:\n{}",
+                    self.output()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -292,7 +346,10 @@ impl WorkerProcess {
                 return status;
             }
             if Instant::now() >= deadline {
-                panic!("the worker did not exit within {limit:?}:\n{}", self.output());
+                panic!(
+                    "the worker did not exit within {limit:?}:\n{}",
+                    self.output()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -121,30 +121,47 @@ pub enum RelayError {
 
 #[task]
 pub async fn relay_div(ctx: Context, a: i64, b: i64) -> Result<i64, RelayError> {
-    div::new(a, b).call(&ctx).await.map_err(|error| match error {
-        CallError::Task(error) => RelayError::Div(error),
-        other => RelayError::Downstream(other.to_string()),
-    })
+    div::new(a, b)
+        .call(&ctx)
+        .await
+        .map_err(|error| match error {
+            CallError::Task(error) => RelayError::Div(error),
+            other => RelayError::Downstream(other.to_string()),
+        })
 }
 
 /// Sleeps, then reports the deadline its downstream call inherited.
 #[task]
 pub async fn relay_remaining(ctx: Context, sleep_first_ms: u64) -> Result<Option<u64>, String> {
     tokio::time::sleep(Duration::from_millis(sleep_first_ms)).await;
-    remaining_ms::new().call(&ctx).await.map_err(|e| e.to_string())
+    remaining_ms::new()
+        .call(&ctx)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Calls a slow task; with a short deadline inherited, the downstream call times out.
 #[task]
 pub async fn relay_slow(ctx: Context, ms: u64) -> Result<u64, String> {
-    sleep_ms::new(ms).call(&ctx).await.map_err(|e| e.to_string())
+    sleep_ms::new(ms)
+        .call(&ctx)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// (own trace id, downstream trace id, downstream parent id, own task id)
 #[task]
 pub async fn relay_trace(ctx: Context) -> Result<(String, String, Option<String>, String), String> {
-    let (trace, _root, parent, _, _) = context_info::new().call(&ctx).await.map_err(|e| e.to_string())?;
-    Ok((ctx.trace_id().to_owned(), trace, parent, ctx.task_id().to_string()))
+    let (trace, _root, parent, _, _) = context_info::new()
+        .call(&ctx)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        ctx.trace_id().to_owned(),
+        trace,
+        parent,
+        ctx.task_id().to_string(),
+    ))
 }
 
 /// Calls `add` `n` times one after the other, through its own process when it serves `add`.
@@ -152,7 +169,10 @@ pub async fn relay_trace(ctx: Context) -> Result<(String, String, Option<String>
 pub async fn relay_sum(ctx: Context, n: i64) -> Result<i64, String> {
     let mut total = 0;
     for i in 0..n {
-        total = add::new(total, i).call(&ctx).await.map_err(|e| e.to_string())?;
+        total = add::new(total, i)
+            .call(&ctx)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     Ok(total)
 }

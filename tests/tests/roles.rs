@@ -21,7 +21,10 @@ async fn delay_and_call_through_a_worker() {
         assert_eq!(add::new(20, 22).call(&client).await, Ok(42));
 
         let marker = env.path("delayed");
-        let id = touch::new(marker.clone(), 0).delay(&client).await.expect("delay");
+        let id = touch::new(marker.clone(), 0)
+            .delay(&client)
+            .await
+            .expect("delay");
         assert!(!id.as_str().is_empty());
         let done = format!("{marker}.done");
         amqp_tasks_tests::harness::eventually("the delayed task to run", PATIENCE, || {
@@ -48,7 +51,10 @@ async fn typed_task_error_arrives_intact() {
         let _worker = env.worker(WORKER, &["--tasks", "math.div"]).ready().await;
         let client = env.client().await;
         assert_eq!(div::new(7, 2).call(&client).await, Ok(3));
-        assert_eq!(div::new(1, 0).call(&client).await, Err(CallError::Task(DivError::ByZero)));
+        assert_eq!(
+            div::new(1, 0).call(&client).await,
+            Err(CallError::Task(DivError::ByZero))
+        );
         assert_eq!(
             div::new(i64::MIN, -1).call(&client).await,
             Err(CallError::Task(DivError::Overflow { a: i64::MIN, b: -1 }))
@@ -66,10 +72,16 @@ async fn call_timeout_is_reported_promptly() {
         let _worker = env.worker(WORKER, &["--tasks", "sleep_ms"]).ready().await;
         let client = env.client().await;
         let started = Instant::now();
-        let result = sleep_ms::new(5_000).timeout(Duration::from_millis(300)).call(&client).await;
+        let result = sleep_ms::new(5_000)
+            .timeout(Duration::from_millis(300))
+            .call(&client)
+            .await;
         assert_eq!(result, Err(CallError::Timeout));
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
     })
     .await;
 }
@@ -78,8 +90,14 @@ async fn call_timeout_is_reported_promptly() {
 async fn relay_calls_another_worker_process() {
     let env = TestEnv::new("relay");
     bounded(LIMIT, async {
-        let _relay = env.worker(WORKER, &["--tasks", "relay_div,relay_trace"]).ready().await;
-        let downstream = env.worker(WORKER, &["--tasks", "math.div,context_info"]).ready().await;
+        let _relay = env
+            .worker(WORKER, &["--tasks", "relay_div,relay_trace"])
+            .ready()
+            .await;
+        let downstream = env
+            .worker(WORKER, &["--tasks", "math.div,context_info"])
+            .ready()
+            .await;
         let client = env.client().await;
 
         assert_eq!(relay_div::new(9, 3).call(&client).await, Ok(3));
@@ -104,8 +122,14 @@ async fn relay_calls_another_worker_process() {
 async fn relay_propagates_the_deadline() {
     let env = TestEnv::new("deadline");
     bounded(LIMIT, async {
-        let relay = env.worker(WORKER, &["--tasks", "relay_remaining,relay_slow"]).ready().await;
-        let _downstream = env.worker(WORKER, &["--tasks", "remaining_ms,sleep_ms"]).ready().await;
+        let relay = env
+            .worker(WORKER, &["--tasks", "relay_remaining,relay_slow"])
+            .ready()
+            .await;
+        let _downstream = env
+            .worker(WORKER, &["--tasks", "remaining_ms,sleep_ms"])
+            .ready()
+            .await;
         let client = env.client().await;
 
         // The downstream call inherits what is left of the caller's 2 s, minus the relay's 300 ms.
@@ -115,11 +139,17 @@ async fn relay_propagates_the_deadline() {
             .await
             .expect("relay_remaining")
             .expect("a deadline downstream");
-        assert!(remaining <= 1_700 && remaining > 500, "downstream had {remaining} ms left");
+        assert!(
+            remaining <= 1_700 && remaining > 500,
+            "downstream had {remaining} ms left"
+        );
 
         // A relay whose caller gives up after 800 ms does not wait longer downstream.
         let started = Instant::now();
-        let result = relay_slow::new(10_000).timeout(Duration::from_millis(800)).call(&client).await;
+        let result = relay_slow::new(10_000)
+            .timeout(Duration::from_millis(800))
+            .call(&client)
+            .await;
         assert_eq!(result, Err(CallError::Timeout));
         assert!(started.elapsed() < Duration::from_secs(3));
         relay.wait_for("no answer before the deadline").await;
@@ -132,12 +162,20 @@ async fn a_relay_calling_its_own_process_does_not_deadlock() {
     let env = TestEnv::new("no-deadlock");
     bounded(LIMIT, async {
         // One slot: the relay must lend it while it waits for `add`, served by the same process.
-        let _worker = env.worker(WORKER, &["--tasks", "relay_sum,add", "--concurrency", "1"]).ready().await;
+        let _worker = env
+            .worker(WORKER, &["--tasks", "relay_sum,add", "--concurrency", "1"])
+            .ready()
+            .await;
         let client = env.client().await;
         let calls: Vec<_> = (0..4)
             .map(|_| {
                 let client = client.clone();
-                tokio::spawn(async move { relay_sum::new(5).timeout(Duration::from_secs(20)).call(&client).await })
+                tokio::spawn(async move {
+                    relay_sum::new(5)
+                        .timeout(Duration::from_secs(20))
+                        .call(&client)
+                        .await
+                })
             })
             .collect();
         for call in calls {
@@ -151,7 +189,13 @@ async fn a_relay_calling_its_own_process_does_not_deadlock() {
 async fn concurrency_is_bounded_across_queues() {
     let env = TestEnv::new("concurrency");
     bounded(LIMIT, async {
-        let _worker = env.worker(WORKER, &["--tasks", "probe_a,probe_b", "--concurrency", "3"]).ready().await;
+        let _worker = env
+            .worker(
+                WORKER,
+                &["--tasks", "probe_a,probe_b", "--concurrency", "3"],
+            )
+            .ready()
+            .await;
         let client = env.client().await;
         let mut calls = Vec::new();
         for i in 0..24 {
@@ -168,7 +212,10 @@ async fn concurrency_is_bounded_across_queues() {
         for call in calls {
             most = most.max(call.await.unwrap().expect("probe"));
         }
-        assert_eq!(most, 3, "at most 3 tasks ran at once in the process, and 3 did");
+        assert_eq!(
+            most, 3,
+            "at most 3 tasks ran at once in the process, and 3 did"
+        );
     })
     .await;
 }
@@ -177,8 +224,14 @@ async fn concurrency_is_bounded_across_queues() {
 async fn competing_workers_share_a_queue() {
     let env = TestEnv::new("competing");
     bounded(LIMIT, async {
-        let first = env.worker(WORKER, &["--tasks", "whoami", "--concurrency", "2"]).ready().await;
-        let second = env.worker(WORKER, &["--tasks", "whoami", "--concurrency", "2"]).ready().await;
+        let first = env
+            .worker(WORKER, &["--tasks", "whoami", "--concurrency", "2"])
+            .ready()
+            .await;
+        let second = env
+            .worker(WORKER, &["--tasks", "whoami", "--concurrency", "2"])
+            .ready()
+            .await;
         let client = env.client().await;
         let calls: Vec<_> = (0..16)
             .map(|_| {
@@ -198,17 +251,27 @@ async fn competing_workers_share_a_queue() {
 #[task(name = "nobody.serves.this")]
 async fn orphan(x: u8) -> u8;
 
-
 #[tokio::test]
 async fn a_task_without_a_queue_is_no_route() {
     let env = TestEnv::new("no-route");
     bounded(LIMIT, async {
         let client = env.client().await;
         let queue = env.queue("nobody.serves.this");
-        assert_eq!(orphan::new(1).delay(&client).await, Err(CallError::NoRoute { queue: queue.clone() }));
-        assert_eq!(orphan::new(1).call(&client).await, Err(CallError::NoRoute { queue }));
+        assert_eq!(
+            orphan::new(1).delay(&client).await,
+            Err(CallError::NoRoute {
+                queue: queue.clone()
+            })
+        );
+        assert_eq!(
+            orphan::new(1).call(&client).await,
+            Err(CallError::NoRoute { queue })
+        );
         // The client still works afterwards.
-        assert_eq!(orphan::new(1).delay(&client).await.unwrap_err().kind(), "no_route");
+        assert_eq!(
+            orphan::new(1).delay(&client).await.unwrap_err().kind(),
+            "no_route"
+        );
     })
     .await;
 }
@@ -224,7 +287,10 @@ async fn a_delayed_task_waits_in_its_queue_for_a_worker() {
 
         let client = env.client().await;
         let marker = env.path("waiting");
-        let id = touch::new(marker.clone(), 0).delay(&client).await.expect("delay");
+        let id = touch::new(marker.clone(), 0)
+            .delay(&client)
+            .await
+            .expect("delay");
         assert_eq!(env.depth("touch").await, 1);
 
         // What is on the wire: persistent, typed, with the documented headers.
@@ -232,18 +298,30 @@ async fn a_delayed_task_waits_in_its_queue_for_a_worker() {
         let message = raw.get(&env.queue("touch"), PATIENCE).await;
         let properties = &message.properties;
         assert_eq!(properties.delivery_mode(), &Some(2));
-        assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some(id.as_str()));
+        assert_eq!(
+            properties.message_id().as_ref().map(|m| m.as_str()),
+            Some(id.as_str())
+        );
         assert_eq!(properties.kind().as_ref().map(|m| m.as_str()), Some("call"));
-        assert_eq!(properties.content_type().as_ref().map(|m| m.as_str()), Some("application/x-bincode"));
+        assert_eq!(
+            properties.content_type().as_ref().map(|m| m.as_str()),
+            Some("application/x-bincode")
+        );
         assert!(properties.expiration().is_none());
         let headers = properties.headers().as_ref().expect("headers").inner();
-        assert_eq!(headers.get("task"), Some(&AMQPValue::LongString("touch".into())));
+        assert_eq!(
+            headers.get("task"),
+            Some(&AMQPValue::LongString("touch".into()))
+        );
         assert_eq!(headers.get("wire"), Some(&AMQPValue::LongLongInt(1)));
         assert_eq!(headers.get("attempt"), Some(&AMQPValue::LongLongInt(1)));
         for key in ["signature", "traceparent", "root_id"] {
             assert!(headers.contains_key(key), "header `{key}` in {headers:?}");
         }
-        assert!(!headers.contains_key("deadline"), "a delayed task has no deadline");
+        assert!(
+            !headers.contains_key("deadline"),
+            "a delayed task has no deadline"
+        );
 
         // Put it back (as sent) and let a worker come.
         let _ = raw
@@ -260,8 +338,10 @@ async fn a_delayed_task_waits_in_its_queue_for_a_worker() {
             .await;
         let _second = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
         let done = format!("{marker}.done");
-        amqp_tasks_tests::harness::eventually("the waiting task to run", PATIENCE, || std::fs::metadata(&done).ok())
-            .await;
+        amqp_tasks_tests::harness::eventually("the waiting task to run", PATIENCE, || {
+            std::fs::metadata(&done).ok()
+        })
+        .await;
     })
     .await;
 }
@@ -276,18 +356,39 @@ async fn a_call_is_transient_and_expires_with_its_deadline() {
         let client = env.client().await;
         let call = tokio::spawn({
             let client = client.clone();
-            async move { add::new(1, 1).timeout(Duration::from_secs(5)).call(&client).await }
+            async move {
+                add::new(1, 1)
+                    .timeout(Duration::from_secs(5))
+                    .call(&client)
+                    .await
+            }
         });
         let raw = env.raw().await;
         let message = raw.get(&env.queue("add"), PATIENCE).await;
         let properties = &message.properties;
         assert_eq!(properties.delivery_mode(), &Some(1));
-        let expiration: u64 = properties.expiration().as_ref().expect("expiration").as_str().parse().unwrap();
+        let expiration: u64 = properties
+            .expiration()
+            .as_ref()
+            .expect("expiration")
+            .as_str()
+            .parse()
+            .unwrap();
         assert!(expiration <= 5_000 && expiration > 3_000, "{expiration}");
-        assert!(properties.reply_to().as_ref().unwrap().as_str().contains("amqp-tasks.reply."));
+        assert!(
+            properties
+                .reply_to()
+                .as_ref()
+                .unwrap()
+                .as_str()
+                .contains("amqp-tasks.reply.")
+        );
         assert!(properties.correlation_id().is_some());
         let headers = properties.headers().as_ref().unwrap().inner();
-        assert!(matches!(headers.get("deadline"), Some(AMQPValue::LongLongInt(_))));
+        assert!(matches!(
+            headers.get("deadline"),
+            Some(AMQPValue::LongLongInt(_))
+        ));
         // Nobody answers: the caller times out rather than waiting forever.
         assert_eq!(call.await.unwrap(), Err(CallError::Timeout));
     })
@@ -324,12 +425,16 @@ async fn an_embedded_worker_runs_next_to_other_work() {
         })
         .await;
         assert_eq!(sum, 5);
-        let (_, root, parent, attempt, redelivered) = context_info::new().call(&client).await.unwrap();
+        let (_, root, parent, attempt, redelivered) =
+            context_info::new().call(&client).await.unwrap();
         assert!(!root.is_empty());
         assert_eq!((parent, attempt, redelivered), (None, 1, false));
         assert_eq!(ticker.await.unwrap(), 20);
         stop.send(()).unwrap();
-        worker.await.unwrap().expect("the embedded worker drains and returns Ok");
+        worker
+            .await
+            .unwrap()
+            .expect("the embedded worker drains and returns Ok");
         let _: &Client = &client;
     })
     .await;

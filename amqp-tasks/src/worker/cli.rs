@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// Serves the amqp-tasks tasks linked into this binary.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = "Serves the amqp-tasks tasks linked into this binary", long_about = None)]
 struct Cli {
     /// Broker URL (amqp://user:password@host:port/vhost).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_URL, hide_default_value = true, hide_env_values = true)]
@@ -34,6 +34,9 @@ struct Cli {
     /// Queue type of the task queues it declares: classic or quorum.
     #[arg(long, env = "AMQP_TASKS_QUEUE_TYPE", default_value = "classic")]
     queue_type: QueueType,
+    /// Larger message bodies are refused and dead-lettered (bytes).
+    #[arg(long, env = "AMQP_TASKS_MAX_BODY_SIZE", default_value_t = super::DEFAULT_MAX_BODY)]
+    max_body_size: usize,
     /// Worker threads of the runtime [default: one per core].
     #[arg(long, env = "AMQP_TASKS_THREADS")]
     threads: Option<usize>,
@@ -78,7 +81,8 @@ pub fn main() -> ExitCode {
         let mut builder = Worker::builder(client.clone())
             .concurrency(cli.concurrency)
             .grace_period(cli.grace)
-            .queue_type(cli.queue_type);
+            .queue_type(cli.queue_type)
+            .max_body_size(cli.max_body_size);
         if let Some(prefetch) = cli.prefetch {
             builder = builder.prefetch(prefetch);
         }

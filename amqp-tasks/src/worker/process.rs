@@ -49,9 +49,18 @@ pub(super) async fn handle(
     permit: OwnedSemaphorePermit,
     _in_flight: InFlightGuard,
 ) {
-    let verdict = judge_and_run(&shared, &queue, &delivery, permit).await;
-    let settle = respond(&shared, &queue, &delivery, verdict).await;
-    queue.acks.send(settle);
+    let mut abandon = shared.abandon.subscribe();
+    let work = async {
+        let verdict = judge_and_run(&shared, &queue, &delivery, permit).await;
+        respond(&shared, &queue, &delivery, verdict).await
+    };
+    tokio::select! {
+        settle = work => queue.acks.send(settle),
+        // Unsettled: the broker returns the delivery when the channel closes.
+        _ = abandon.wait_for(|abandon| *abandon) => {
+            tracing::warn!(queue = %queue.name, tag = delivery.delivery_tag, "abandoned at the end of the grace period");
+        }
+    }
 }
 
 async fn judge_and_run(

@@ -1,0 +1,275 @@
+//! A worker's life: start-up checks, `--list`, SIGKILL mid-task, SIGTERM drain, lost connections.
+
+use amqp_tasks::CallError;
+use amqp_tasks_tests::harness::{PATIENCE, TestEnv, WorkerProcess, bounded, eventually};
+use amqp_tasks_tests::tasks::*;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
+const DUPLICATE: &str = env!("CARGO_BIN_EXE_test-dup");
+const EMPTY: &str = env!("CARGO_BIN_EXE_test-empty");
+const LIMIT: Duration = Duration::from_secs(90);
+
+#[tokio::test]
+async fn list_prints_every_task_with_arguments_and_queue() {
+    let env = TestEnv::new("list");
+    bounded(LIMIT, async {
+        let mut lister = env.worker(WORKER, &["--list"]);
+        assert!(lister.exit(PATIENCE).await.success());
+        let output = lister.output();
+        for expected in [
+            "add(a: i64, b: i64) -> i64".to_owned(),
+            "math.div(a: i64, b: i64) -> Result<i64, DivError>".to_owned(),
+            "greet(name: String, times: u32, suffix: Option<String>) -> String".to_owned(),
+            format!("queue: {}", env.queue("math.div")),
+            "defined in amqp_tasks_tests::tasks".to_owned(),
+        ] {
+            assert!(output.contains(&expected), "`{expected}` in:\n{output}");
+        }
+        // Listing connects to nothing and declares nothing.
+        assert!(!output.contains("worker ready"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_binary_with_two_tasks_of_one_name_refuses_to_start() {
+    let env = TestEnv::new("duplicates");
+    bounded(LIMIT, async {
+        let mut worker = env.worker(DUPLICATE, &[]);
+        let status = worker.exit(PATIENCE).await;
+        assert_eq!(status.code(), Some(1));
+        let output = worker.output();
+        assert!(output.contains("two tasks are named `add`"), "{output}");
+        assert!(
+            output.contains("tests/src/tasks.rs") && output.contains("test-dup.rs"),
+            "names both: {output}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_without_tasks_refuses_to_start() {
+    let env = TestEnv::new("empty");
+    bounded(LIMIT, async {
+        let mut worker = env.worker(EMPTY, &[]);
+        assert_eq!(worker.exit(PATIENCE).await.code(), Some(1));
+        assert!(
+            worker
+                .output()
+                .contains("no tasks are linked into this binary"),
+            "{}",
+            worker.output()
+        );
+
+        let mut filtered = env.worker(WORKER, &["--tasks", "nope"]);
+        assert_eq!(filtered.exit(PATIENCE).await.code(), Some(1));
+        assert!(
+            filtered.output().contains("no task named `nope`"),
+            "{}",
+            filtered.output()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_task_loses_nothing() {
+    let env = TestEnv::new("sigkill");
+    bounded(LIMIT, async {
+        let mut first = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
+        let client = env.client().await;
+        let marker = env.path("killed");
+        touch::new(marker.clone(), 2_000)
+            .delay(&client)
+            .await
+            .unwrap();
+        let started = format!("{marker}.started");
+        eventually("the task to start", PATIENCE, || {
+            std::fs::metadata(&started).ok()
+        })
+        .await;
+        first.signal("KILL");
+        first.exit(PATIENCE).await;
+        assert!(
+            std::fs::metadata(format!("{marker}.done")).is_err(),
+            "killed before it finished"
+        );
+
+        let second = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
+        let done = format!("{marker}.done");
+        let pids = eventually("the redelivered task to finish", PATIENCE, || {
+            std::fs::read_to_string(&done).ok()
+        })
+        .await;
+        assert_eq!(
+            pids.trim(),
+            second.pid().to_string(),
+            "run to completion once, by the second worker"
+        );
+        assert_eq!(env.depth("touch").await, 0);
+        assert_eq!(env.depth("touch.dlq").await, 0);
+    })
+    .await;
+}
+
+async fn count(worker: &WorkerProcess, needle: &str) -> usize {
+    worker.output().matches(needle).count()
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_returns_unstarted_tasks() {
+    let env = TestEnv::new("sigterm");
+    bounded(LIMIT, async {
+        let mut first = env
+            .worker(
+                WORKER,
+                &[
+                    "--tasks",
+                    "sleep_ms",
+                    "--concurrency",
+                    "1",
+                    "--prefetch",
+                    "10",
+                ],
+            )
+            .ready()
+            .await;
+        let client = env.client().await;
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    sleep_ms::new(700)
+                        .timeout(Duration::from_secs(20))
+                        .call(&client)
+                        .await
+                })
+            })
+            .collect();
+        first.wait_for("task started").await;
+        first.signal("TERM");
+        let status = first.exit(PATIENCE).await;
+        assert!(
+            status.success(),
+            "exit 0 after a clean drain: {status:?}\n{}",
+            first.output()
+        );
+        assert_eq!(
+            count(&first, "task started").await,
+            1,
+            "one in flight, the rest not started"
+        );
+        assert_eq!(
+            count(&first, "task succeeded").await,
+            1,
+            "the one in flight finished"
+        );
+        assert!(first.output().contains("worker stopped"));
+
+        // The prefetched ones went back to the queue, for the next worker.
+        let _second = env.worker(WORKER, &["--tasks", "sleep_ms"]).ready().await;
+        for call in calls {
+            assert_eq!(call.await.unwrap(), Ok(700));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn relay_calls_keep_working_while_draining() {
+    let env = TestEnv::new("drain-relay");
+    bounded(LIMIT, async {
+        let mut relay = env.worker(WORKER, &["--tasks", "relay_slow"]).ready().await;
+        let _downstream = env.worker(WORKER, &["--tasks", "sleep_ms"]).ready().await;
+        let client = env.client().await;
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { relay_slow::new(1_000).call(&client).await }
+        });
+        relay.wait_for("task started").await;
+        relay.signal("TERM");
+        assert_eq!(call.await.unwrap(), Ok(1_000));
+        assert!(relay.exit(PATIENCE).await.success());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_grace_period_that_runs_out_exits_non_zero_and_loses_nothing() {
+    let env = TestEnv::new("grace");
+    bounded(LIMIT, async {
+        let mut first = env
+            .worker(WORKER, &["--tasks", "touch", "--grace", "300ms"])
+            .ready()
+            .await;
+        let client = env.client().await;
+        let marker = env.path("grace");
+        touch::new(marker.clone(), 3_000)
+            .delay(&client)
+            .await
+            .unwrap();
+        let started = format!("{marker}.started");
+        eventually("the task to start", PATIENCE, || {
+            std::fs::metadata(&started).ok()
+        })
+        .await;
+        let asked = Instant::now();
+        first.signal("TERM");
+        let status = first.exit(PATIENCE).await;
+        assert_eq!(status.code(), Some(3), "{}", first.output());
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "did not wait for the task: {:?}\n{}",
+            asked.elapsed(),
+            first.output()
+        );
+        assert!(first.output().contains("grace period"));
+
+        let second = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
+        let done = format!("{marker}.done");
+        let pids = eventually("the task to run again", PATIENCE, || {
+            std::fs::read_to_string(&done).ok()
+        })
+        .await;
+        assert_eq!(
+            pids.trim(),
+            second.pid().to_string(),
+            "first:\n{}\nsecond:\n{}",
+            first.output(),
+            second.output()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_waiting_on_a_closed_connection_fail_at_once() {
+    let env = TestEnv::new("conn-closed");
+    bounded(LIMIT, async {
+        let _worker = env.worker(WORKER, &["--tasks", "sleep_ms"]).ready().await;
+        let client = env.client().await;
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { sleep_ms::new(5_000).call(&client).await }
+        });
+        _worker.wait_for("task started").await;
+        let closed = Instant::now();
+        client.close().await;
+        let result = call.await.unwrap();
+        assert!(
+            matches!(result, Err(CallError::ConnectionLost(_))),
+            "{result:?}"
+        );
+        assert!(
+            closed.elapsed() < Duration::from_secs(1),
+            "failed at once: {:?}",
+            closed.elapsed()
+        );
+        // The next call opens a new connection.
+        assert_eq!(sleep_ms::new(1).call(&client).await, Ok(1));
+    })
+    .await;
+}
