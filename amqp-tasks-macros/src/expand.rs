@@ -222,6 +222,7 @@ pub fn expand(task: &Task) -> TokenStream {
                 #run_future
             }
 
+            #[allow(clippy::needless_borrow)]
             fn error_message(error: &<Self as ::amqp_tasks::Task>::Error) -> ::std::string::String {
                 #[allow(unused_imports)]
                 use ::amqp_tasks::__private::message::{ViaDebug as _, ViaDisplay as _, ViaTypeName as _};

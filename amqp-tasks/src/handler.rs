@@ -173,6 +173,7 @@ mod tests {
     struct Opaque;
 
     #[test]
+    #[allow(clippy::needless_borrow)] // the extra borrows select the implementation
     fn messages_prefer_display_then_debug_then_type_name() {
         assert_eq!((&&&Message(&"shown".to_owned())).text(), "shown");
         assert_eq!((&&&Message(&DebugOnly)).text(), "DebugOnly");

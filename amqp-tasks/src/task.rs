@@ -195,8 +195,7 @@ impl<T: Task> TaskCall<T> {
     /// Fire and forget: returns the task id once the broker has confirmed the message
     /// (persistent, in a durable queue).
     ///
-    /// Concurrent `.delay()`s pipeline their publishes and confirms; to send many at once see
-    /// [`Client::delay_all`].
+    /// Concurrent `.delay()`s pipeline their publishes and confirms.
     pub async fn delay(self, caller: &impl Caller) -> Result<TaskId, CallError> {
         let origin = caller.origin();
         let client = origin.client;

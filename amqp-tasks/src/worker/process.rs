@@ -12,7 +12,7 @@ use crate::wire::{self, ErrorKind, ErrorReply, TaskHeaders, header};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::OwnedSemaphorePermit;
@@ -288,11 +288,11 @@ async fn respond(
             return Settle::Requeue(delivery.delivery_tag);
         }
     }
-    if let Some((kind, message)) = verdict.dead_letter {
-        if let Err(error) = dead_letter(shared, queue, delivery, kind, &message).await {
-            tracing::error!(%error, queue = %queue.name, "could not dead-letter a message; returning it to its queue");
-            return Settle::Requeue(delivery.delivery_tag);
-        }
+    if let Some((kind, message)) = verdict.dead_letter
+        && let Err(error) = dead_letter(shared, queue, delivery, kind, &message).await
+    {
+        tracing::error!(%error, queue = %queue.name, "could not dead-letter a message; returning it to its queue");
+        return Settle::Requeue(delivery.delivery_tag);
     }
     Settle::Ack(delivery.delivery_tag)
 }
@@ -305,10 +305,7 @@ async fn dead_letter(
     message: &str,
 ) -> Result<(), crate::CallError> {
     let original = &delivery.properties;
-    let mut headers = original
-        .headers()
-        .clone()
-        .unwrap_or_else(FieldTable::default);
+    let mut headers = original.headers().clone().unwrap_or_default();
     headers.insert(
         header::DEAD_REASON.into(),
         AMQPValue::LongString(kind.as_str().into()),
