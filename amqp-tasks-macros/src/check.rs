@@ -13,6 +13,7 @@ pub struct Task {
     pub queue: String,
     pub timeout_ms: Option<u64>,
     pub retries: u32,
+    pub retry_on_panic: bool,
     pub backoff_ms: Option<u64>,
     pub json: bool,
     /// The `Context` parameter, when the function takes one first.
@@ -198,6 +199,20 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         args.backoff.map(|s| duration_ms(&s, "backoff")).transpose(),
     );
     let retries = take(&mut errors, args.retries.map(|s| retries(&s)).transpose()).unwrap_or(0);
+    let retry_on_panic = match args.retry_on_panic {
+        None => false,
+        Some(Setting {
+            value: Lit::Bool(flag),
+            ..
+        }) => flag.value,
+        Some(Setting { span, .. }) => {
+            combine(
+                &mut errors,
+                syn::Error::new(span, "`retry_on_panic` takes `true` or `false`"),
+            );
+            false
+        }
+    };
     let json = match args.codec {
         None => false,
         Some(Setting { value, .. }) if value == "bincode" => false,
@@ -223,6 +238,7 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         queue,
         timeout_ms,
         retries,
+        retry_on_panic,
         backoff_ms,
         json,
         context,

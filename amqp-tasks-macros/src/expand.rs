@@ -87,6 +87,7 @@ pub fn expand(task: &Task) -> TokenStream {
         quote!(::amqp_tasks::__private::DEFAULT_BACKOFF),
     );
     let retries = task.retries;
+    let retry_on_panic = task.retry_on_panic;
     let codec = if task.json {
         quote!(Json)
     } else {
@@ -153,6 +154,7 @@ pub fn expand(task: &Task) -> TokenStream {
             const QUEUE: &'static str = #queue;
             const TIMEOUT: ::core::time::Duration = #timeout;
             const RETRIES: u32 = #retries;
+            const RETRY_ON_PANIC: bool = #retry_on_panic;
             const BACKOFF: ::core::time::Duration = #backoff;
             const CODEC: ::amqp_tasks::Codec = ::amqp_tasks::Codec::#codec;
             const PARAMS: &'static [::amqp_tasks::__private::Param] = &[
@@ -227,6 +229,13 @@ pub fn expand(task: &Task) -> TokenStream {
                 #[allow(unused_imports)]
                 use ::amqp_tasks::__private::message::{ViaDebug as _, ViaDisplay as _, ViaTypeName as _};
                 (&&&::amqp_tasks::__private::message::Message(error)).text()
+            }
+
+            #[allow(clippy::needless_borrow)]
+            fn should_retry(error: &<Self as ::amqp_tasks::Task>::Error) -> bool {
+                #[allow(unused_imports)]
+                use ::amqp_tasks::__private::retry::{AskTheError as _, RetryAll as _};
+                (&&::amqp_tasks::__private::retry::Verdict(error)).should_retry()
             }
         }
 

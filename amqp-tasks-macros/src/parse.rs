@@ -5,7 +5,15 @@ use syn::parse::{Parse, ParseStream, Parser};
 use syn::{Attribute, Block, Expr, ExprLit, Lit, LitStr, Signature, Token, Visibility};
 
 /// The keys `#[task(...)]` accepts, in the order the documentation lists them.
-pub const KEYS: &[&str] = &["name", "queue", "timeout", "retries", "backoff", "codec"];
+pub const KEYS: &[&str] = &[
+    "name",
+    "queue",
+    "timeout",
+    "retries",
+    "backoff",
+    "retry_on_panic",
+    "codec",
+];
 
 /// A value given to a key, with the span of the value for error messages.
 pub struct Setting<T> {
@@ -20,6 +28,7 @@ pub struct TaskArgs {
     pub queue: Option<Setting<String>>,
     pub timeout: Option<Setting<Lit>>,
     pub retries: Option<Setting<Lit>>,
+    pub retry_on_panic: Option<Setting<Lit>>,
     pub backoff: Option<Setting<Lit>>,
     pub codec: Option<Setting<String>>,
 }
@@ -46,6 +55,7 @@ impl TaskArgs {
                 "codec" => set(&mut args.codec, string(&meta)?, duplicate),
                 "timeout" => set(&mut args.timeout, literal(&meta)?, duplicate),
                 "retries" => set(&mut args.retries, literal(&meta)?, duplicate),
+                "retry_on_panic" => set(&mut args.retry_on_panic, literal(&meta)?, duplicate),
                 "backoff" => set(&mut args.backoff, literal(&meta)?, duplicate),
                 _ => {
                     // Skip the value so that the keys after it are still read and checked.
@@ -53,11 +63,14 @@ impl TaskArgs {
                         let _: Token![=] = meta.input.parse()?;
                         let _: Expr = meta.input.parse()?;
                     }
+                    let written = path_text(&meta.path);
+                    let hint = suggestion(&written)
+                        .map(|valid| format!(" (did you mean `{valid}`?)"))
+                        .unwrap_or_default();
                     Err(syn::Error::new(
                         key_span,
                         format!(
-                            "unknown #[task] key `{}`; the valid keys are: {}",
-                            path_text(&meta.path),
+                            "unknown #[task] key `{written}`{hint}; the valid keys are: {}",
                             KEYS.join(", ")
                         ),
                     ))
@@ -108,6 +121,33 @@ fn literal(meta: &syn::meta::ParseNestedMeta) -> syn::Result<Setting<Lit>> {
             "expected a literal, such as `30`, `\"30s\"` or `\"500ms\"`",
         )),
     }
+}
+
+/// The valid key `written` was most likely meant to be: the nearest by edit distance, if near.
+fn suggestion(written: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .map(|valid| (distance(valid, written), *valid))
+        .filter(|(distance, valid)| *distance <= 3.min(valid.len() / 2 + 1))
+        .min()
+        .map(|(_, valid)| valid)
+}
+
+fn distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            current.push(
+                (previous[j] + cost)
+                    .min(previous[j + 1] + 1)
+                    .min(current[j] + 1),
+            );
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 fn path_text(path: &syn::Path) -> String {
@@ -182,11 +222,22 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(error.contains("unknown #[task] key `nmae`"), "{error}");
         assert!(
-            error.contains("name, queue, timeout, retries, backoff, codec"),
+            error.contains("unknown #[task] key `nmae` (did you mean `name`?)"),
             "{error}"
         );
+        assert!(
+            error.contains("name, queue, timeout, retries, backoff, retry_on_panic, codec"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn suggestions_pick_the_nearest_key() {
+        assert_eq!(suggestion("retry"), Some("retries"));
+        assert_eq!(suggestion("timout"), Some("timeout"));
+        assert_eq!(suggestion("codecs"), Some("codec"));
+        assert_eq!(suggestion("priority"), None);
     }
 
     #[test]

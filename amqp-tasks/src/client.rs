@@ -1,22 +1,23 @@
 //! [`Client`]: a connection to the broker that sends tasks and receives their replies.
 
 use crate::error::{CallError, Error};
+use crate::send::unix_ms;
 use crate::topology;
 use crate::wire;
 use futures_core::Stream;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, Event,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -206,17 +207,38 @@ impl Client {
         Ok(session)
     }
 
-    /// Publishes with `mandatory` and waits for the publisher confirm until `deadline`.
+    /// A live session, waiting for the broker (reconnecting with backoff) until `deadline`.
+    async fn session_before(&self, deadline: Instant) -> Result<Arc<Session>, CallError> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.session().await {
+                Ok(session) => return Ok(session),
+                Err(error) if Instant::now() + backoff >= deadline => return Err(error),
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Publishes a task to `queue` (directly, or through the delay queues when its `eta` is
+    /// ahead) with `mandatory`, and waits for the publisher confirm until `deadline`.
     pub(crate) async fn publish(
         &self,
         queue: &str,
         body: &[u8],
         properties: BasicProperties,
+        eta_ms: Option<u64>,
         deadline: Instant,
     ) -> Result<(), CallError> {
+        let connected = tokio::time::timeout_at(deadline, self.session_before(deadline)).await;
+        let session = connected.unwrap_or(Err(CallError::Timeout))?;
         tokio::time::timeout_at(deadline, async {
-            let session = self.session().await?;
-            session.publish_confirmed(queue, body, properties).await
+            let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
+            session
+                .publish_confirmed(&exchange, queue, body, properties)
+                .await
         })
         .await
         .unwrap_or(Err(CallError::Timeout))
@@ -228,15 +250,20 @@ impl Client {
         queue: &str,
         body: &[u8],
         properties: BasicProperties,
+        eta_ms: Option<u64>,
         deadline: Instant,
     ) -> Result<Reply, CallError> {
+        let connected = tokio::time::timeout_at(deadline, self.session_before(deadline)).await;
+        let session = connected.unwrap_or(Err(CallError::Timeout))?;
         tokio::time::timeout_at(deadline, async {
-            let session = self.session().await?;
             let pending = session.register()?;
             let properties = properties
                 .with_reply_to(wire::short(&session.reply_queue))
                 .with_correlation_id(wire::short(&pending.correlation.to_string()));
-            session.publish_confirmed(queue, body, properties).await?;
+            let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
+            session
+                .publish_confirmed(&exchange, queue, body, properties)
+                .await?;
             let mut pending = pending;
             (&mut pending.receiver)
                 .await
@@ -244,6 +271,32 @@ impl Client {
         })
         .await
         .unwrap_or(Err(CallError::Timeout))
+    }
+
+    /// The exchange to publish a task to: the default one, or the delay exchange (with the
+    /// bucket header set) when its `eta` is at least the delay resolution away.
+    async fn route(
+        &self,
+        session: &Session,
+        queue: &str,
+        properties: BasicProperties,
+        eta_ms: Option<u64>,
+    ) -> Result<(String, BasicProperties), CallError> {
+        let wait = eta_ms.map(|eta| eta.saturating_sub(unix_ms(SystemTime::now())));
+        let Some(bucket) = wait.and_then(topology::delay_bucket) else {
+            return Ok((String::new(), properties));
+        };
+        let exchange = topology::delay_exchange(self.namespace());
+        // A delayed message is routed by the broker later, when nobody is told about a missing
+        // queue: check now that the task queue and the delay queues exist.
+        session.ensure_exists(queue, Entity::Queue).await?;
+        session.ensure_exists(&exchange, Entity::Exchange).await?;
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            topology::DELAY_BUCKET_HEADER.into(),
+            AMQPValue::LongString(bucket.to_string().into()),
+        );
+        Ok((exchange, properties.with_headers(headers)))
     }
 }
 
@@ -283,6 +336,8 @@ pub(crate) struct Session {
     publisher: Channel,
     reply_queue: String,
     pending: Mutex<Pending>,
+    /// Queues and exchanges known to exist (checked before a delayed publish).
+    known: Mutex<HashSet<String>>,
     next_correlation: AtomicU64,
     lost: watch::Sender<Option<String>>,
 }
@@ -353,6 +408,7 @@ impl Session {
             publisher,
             reply_queue,
             pending: Mutex::new(Pending::default()),
+            known: Mutex::new(HashSet::new()),
             next_correlation: AtomicU64::new(1),
             lost,
             connection,
@@ -475,18 +531,72 @@ impl Session {
         }
     }
 
-    /// Publishes to the default exchange with `mandatory` and awaits the confirm.
+    /// Checks (once per session) that a queue or exchange exists, with a passive declare on a
+    /// channel of its own (the broker closes a channel whose passive declare fails).
+    async fn ensure_exists(&self, name: &str, entity: Entity) -> Result<(), CallError> {
+        if self.lock_known().contains(name) {
+            return Ok(());
+        }
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.failed(e))?;
+        let found = match entity {
+            Entity::Queue => channel
+                .queue_declare(
+                    wire::short(name),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop),
+            Entity::Exchange => channel
+                .exchange_declare(
+                    wire::short(name),
+                    lapin::ExchangeKind::Headers,
+                    lapin::options::ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop),
+        };
+        let _ = channel.close(200, "probe done".into()).await;
+        match found {
+            Ok(()) => {
+                self.lock_known().insert(name.to_owned());
+                Ok(())
+            }
+            Err(error) if is_not_found(&error) => Err(CallError::NoRoute {
+                queue: name.to_owned(),
+            }),
+            Err(error) => Err(CallError::ConnectionLost(error.to_string())),
+        }
+    }
+
+    fn lock_known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes with `mandatory` and awaits the confirm.
     pub async fn publish_confirmed(
         &self,
-        queue: &str,
+        exchange: &str,
+        routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), CallError> {
         let confirm = self
             .publisher
             .basic_publish(
-                "".into(),
-                wire::short(queue),
+                wire::short(exchange),
+                wire::short(routing_key),
                 BasicPublishOptions {
                     mandatory: true,
                     immediate: false,
@@ -499,9 +609,14 @@ impl Session {
         match confirm.await.map_err(|e| self.failed(e))? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                if returned.reply_code == 312 {
+                if returned.reply_code == 312 && exchange.is_empty() {
                     Err(CallError::NoRoute {
-                        queue: queue.to_owned(),
+                        queue: routing_key.to_owned(),
+                    })
+                } else if returned.reply_code == 312 {
+                    // The delay exchange without the bucket queue for this delay.
+                    Err(CallError::NoRoute {
+                        queue: format!("{exchange} (delay queues: start a worker to declare them)"),
                     })
                 } else {
                     Err(CallError::Rejected(format!(
@@ -521,6 +636,19 @@ impl Session {
         // fresh connection instead of a channel in an unknown state.
         self.mark_lost(error.to_string());
         CallError::ConnectionLost(error.to_string())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Entity {
+    Queue,
+    Exchange,
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_id() == 404,
+        _ => false,
     }
 }
 

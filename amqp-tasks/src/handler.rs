@@ -24,16 +24,85 @@ pub trait Handler: Task {
 
     /// A human message for the task's error: its `Display`, else its `Debug`, else its type name.
     fn error_message(error: &Self::Error) -> String;
+
+    /// Whether this error is worth another attempt: what [`Retryable`] says where the error type
+    /// implements it, yes otherwise.
+    fn should_retry(error: &Self::Error) -> bool;
+}
+
+/// Implemented by a task's error type to say which errors are worth retrying (a task with
+/// `retries = N` retries every error otherwise).
+///
+/// ```
+/// enum FetchError { NotFound, Unavailable }
+///
+/// impl amqp_tasks::Retryable for FetchError {
+///     fn is_retryable(&self) -> bool {
+///         matches!(self, FetchError::Unavailable)
+///     }
+/// }
+/// ```
+pub trait Retryable {
+    /// True if another attempt might succeed.
+    fn is_retryable(&self) -> bool;
+}
+
+/// Whether to retry, chosen by autoref specialization at the macro's expansion site.
+pub mod retry {
+    use super::Retryable;
+
+    /// Wraps the error for method resolution.
+    pub struct Verdict<'a, T>(pub &'a T);
+
+    /// Chosen when the error implements [`Retryable`].
+    pub trait AskTheError {
+        /// The verdict.
+        fn should_retry(&self) -> bool;
+    }
+    impl<T: Retryable> AskTheError for &Verdict<'_, T> {
+        fn should_retry(&self) -> bool {
+            self.0.is_retryable()
+        }
+    }
+
+    /// Otherwise every error is retried.
+    pub trait RetryAll {
+        /// The verdict.
+        fn should_retry(&self) -> bool;
+    }
+    impl<T> RetryAll for Verdict<'_, T> {
+        fn should_retry(&self) -> bool {
+            true
+        }
+    }
 }
 
 /// What came out of a run, encoded in the request's codec.
 pub(crate) enum Outcome {
     /// The value, for a `result` reply.
     Value(Vec<u8>),
-    /// The task's own error, as an `error` reply body.
-    TaskError { body: Vec<u8>, message: String },
-    /// A framework failure: answered, and dead-lettered.
-    Failure { kind: ErrorKind, message: String },
+    /// The task's own error, as an `error` reply body; `retryable` if another attempt may help.
+    TaskError {
+        body: Vec<u8>,
+        message: String,
+        retryable: bool,
+    },
+    /// A framework failure: answered, and dead-lettered (a panic is retried if the task asks).
+    Failure {
+        kind: ErrorKind,
+        message: String,
+        retryable: bool,
+    },
+}
+
+impl Outcome {
+    fn failure(kind: ErrorKind, message: String) -> Outcome {
+        Outcome::Failure {
+            kind,
+            message,
+            retryable: false,
+        }
+    }
 }
 
 /// Decodes the arguments from the borrowed body (no copy of it), then returns the run.
@@ -45,41 +114,44 @@ pub(crate) fn run<T: Handler>(
     let args = match codec.decode_args::<T>(body) {
         Ok(args) => args,
         Err(error) => {
-            let failure = Outcome::Failure {
-                kind: ErrorKind::BadPayload,
-                message: error.to_string(),
-            };
+            let failure = Outcome::failure(ErrorKind::BadPayload, error.to_string());
             return Box::pin(std::future::ready(failure));
         }
     };
     Box::pin(async move {
         match tokio::time::timeout(T::TIMEOUT, CatchUnwind(T::run(ctx, args))).await {
-            Err(_) => Outcome::Failure {
-                kind: ErrorKind::TimeLimit,
-                message: format!("cancelled after its time limit of {}", human(T::TIMEOUT)),
-            },
+            Err(_) => Outcome::failure(
+                ErrorKind::TimeLimit,
+                format!("cancelled after its time limit of {}", human(T::TIMEOUT)),
+            ),
             Ok(Err(panic)) => Outcome::Failure {
                 kind: ErrorKind::Panicked,
                 message: panic_message(&*panic),
+                retryable: T::RETRY_ON_PANIC,
             },
             Ok(Ok(Ok(value))) => match codec.encode(&value) {
                 Ok(body) => Outcome::Value(body),
-                Err(error) => Outcome::Failure {
-                    kind: ErrorKind::BadResult,
-                    message: format!("the result could not be encoded: {error}"),
-                },
+                Err(error) => Outcome::failure(
+                    ErrorKind::BadResult,
+                    format!("the result could not be encoded: {error}"),
+                ),
             },
             Ok(Ok(Err(error))) => {
                 let message = T::error_message(&error);
+                let retryable = T::should_retry(&error);
                 let type_name = normalize(std::any::type_name::<T::Error>());
                 let reply =
                     ErrorReply::new(ErrorKind::Task, &type_name, message.clone(), Some(error));
                 match codec.encode(&reply) {
-                    Ok(body) => Outcome::TaskError { body, message },
-                    Err(error) => Outcome::Failure {
-                        kind: ErrorKind::BadResult,
-                        message: format!("the task's error could not be encoded: {error}"),
+                    Ok(body) => Outcome::TaskError {
+                        body,
+                        message,
+                        retryable,
                     },
+                    Err(error) => Outcome::failure(
+                        ErrorKind::BadResult,
+                        format!("the task's error could not be encoded: {error}"),
+                    ),
                 }
             }
         }

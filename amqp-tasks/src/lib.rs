@@ -99,9 +99,11 @@
 mod client;
 pub mod codec;
 mod context;
+mod dynamic;
 mod error;
 mod handler;
 pub mod registry;
+mod send;
 mod signature;
 mod task;
 pub mod topology;
@@ -113,7 +115,9 @@ pub use amqp_tasks_macros::task;
 pub use client::{Client, ClientBuilder, DEFAULT_URL};
 pub use codec::{Codec, CodecError};
 pub use context::Context;
+pub use dynamic::DynamicCall;
 pub use error::{CallError, Error, Never};
+pub use handler::Retryable;
 pub use signature::Signature;
 pub use task::{Caller, Param, Task, TaskCall, TaskId};
 pub use topology::QueueType;
@@ -123,7 +127,7 @@ pub use worker::{Worker, WorkerBuilder};
 pub mod __private {
     //! Used by the code `#[task]` generates; not a public API.
     pub use crate::codec::{JsonArgsReader, JsonArgsWriter};
-    pub use crate::handler::{Handler, message};
+    pub use crate::handler::{Handler, message, retry};
     pub use crate::registry::Registration;
     pub use crate::signature::Signature;
     pub use crate::task::Param;

@@ -1,23 +1,16 @@
 //! Tasks as types: the [`Task`] trait the macro implements for each stub, and [`TaskCall`], the
 //! typed call that `NAME::new(args…)` builds.
 
-use crate::client::{Client, Reply};
+use crate::client::Client;
 use crate::codec::{Codec, CodecError};
 use crate::context::Context;
 use crate::error::CallError;
+use crate::send::{self, Outgoing};
 use crate::signature::Signature;
-use crate::trace::TraceParent;
-use crate::wire::{self, ErrorKind, TaskHeaders};
-use lapin::BasicProperties;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::time::Instant;
-
-/// How much longer than a task's time limit a call waits by default: the time for a time-limit
-/// error to travel back.
-const TRANSIT_ALLOWANCE: Duration = Duration::from_secs(1);
+use std::time::{Duration, SystemTime};
 
 /// A task's identity and types. `#[task]` implements it for the stub type it generates; you do
 /// not implement it by hand.
@@ -38,6 +31,8 @@ pub trait Task: Send + Sync + 'static {
     const RETRIES: u32;
     /// The first retry delay, doubled for each further attempt (`backoff = ...`).
     const BACKOFF: Duration;
+    /// Whether a panic is retried like an error (`retry_on_panic = true`).
+    const RETRY_ON_PANIC: bool;
     /// The codec of calls made through the stub (`codec = "..."`).
     const CODEC: Codec;
     /// The parameters, for listings and JSON keys.
@@ -148,6 +143,7 @@ impl Caller for Context {}
 pub struct TaskCall<T: Task> {
     args: T::Args,
     timeout: Option<Duration>,
+    eta: Option<SystemTime>,
     codec: Codec,
     task_id: Option<TaskId>,
 }
@@ -168,13 +164,13 @@ impl<T: Task> TaskCall<T> {
         TaskCall {
             args,
             timeout: None,
+            eta: None,
             codec: T::CODEC,
             task_id: None,
         }
     }
 
-    /// Shortens the deadline of `.call()` (it cannot be longer than the task's `timeout` plus
-    /// one second).
+    /// Shortens the deadline of `.call()` (it cannot be longer than its default).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -192,146 +188,56 @@ impl<T: Task> TaskCall<T> {
         self
     }
 
+    /// Runs the task after this delay (held by the broker, resolution 100 ms; see
+    /// [`topology`](crate::topology)).
+    pub fn countdown(mut self, delay: Duration) -> Self {
+        self.eta = Some(SystemTime::now() + delay);
+        self
+    }
+
+    /// Runs the task not before this time (held by the broker, resolution 100 ms).
+    pub fn eta(mut self, eta: SystemTime) -> Self {
+        self.eta = Some(eta);
+        self
+    }
+
     /// Fire and forget: returns the task id once the broker has confirmed the message
     /// (persistent, in a durable queue).
     ///
     /// Concurrent `.delay()`s pipeline their publishes and confirms.
     pub async fn delay(self, caller: &impl Caller) -> Result<TaskId, CallError> {
         let origin = caller.origin();
-        let client = origin.client;
-        let (id, body, properties) = self.prepare(&origin, None)?;
-        let properties = properties.with_delivery_mode(2);
-        let deadline = Instant::now() + client.confirm_timeout();
-        client
-            .publish(&client.queue_name(T::QUEUE), &body, properties, deadline)
-            .await?;
-        tracing::debug!(task = T::NAME, id = %id, "task sent");
-        Ok(id)
+        let out = self.outgoing()?;
+        send::delay(&origin, out).await
     }
 
-    /// Sends the task and awaits its result, until the deadline: the task's `timeout` (plus one
-    /// second, so that a time-limit error can still reach the caller), shortened by
-    /// [`TaskCall::timeout`] and, from a [`Context`], by the caller's own remaining deadline.
+    /// Sends the task and awaits its result, until the deadline: by default, the task's
+    /// `timeout` for each attempt it may make, plus its retry backoffs, plus one second (so that
+    /// a time-limit error can still reach the caller); shortened by [`TaskCall::timeout`] and,
+    /// from a [`Context`], by the caller's own remaining deadline.
     pub async fn call(self, caller: &impl Caller) -> Result<T::Output, CallError<T::Error>> {
         let origin = caller.origin();
-        let client = origin.client;
-        let ceiling = T::TIMEOUT + TRANSIT_ALLOWANCE;
-        let mut budget = self.timeout.map_or(ceiling, |t| t.min(ceiling));
-        if let Some(remaining) = origin.parent.and_then(Context::remaining) {
-            budget = budget.min(remaining);
-        }
-        if budget.is_zero() {
-            return Err(CallError::Timeout);
-        }
-        let deadline = Instant::now() + budget;
-        let deadline_ms = unix_ms(SystemTime::now() + budget);
         let codec = self.codec;
-        let (id, body, properties) = self
-            .prepare(&origin, Some(deadline_ms))
-            .map_err(CallError::widen)?;
-        let properties = properties
-            .with_delivery_mode(1)
-            .with_expiration(wire::short(&budget.as_millis().max(1).to_string()));
-
-        // A task waiting on another task is not running: its concurrency slot goes back to the
-        // worker, so relays calling tasks of their own process cannot deadlock it.
-        let suspended = origin.parent.map(Context::suspend);
-        let reply = client
-            .request(&client.queue_name(T::QUEUE), &body, properties, deadline)
-            .await;
-        if let Some(suspended) = suspended {
-            suspended.resume().await;
-        }
-        let reply = reply.map_err(CallError::widen)?;
-        tracing::debug!(task = T::NAME, id = %id, status = reply.kind.as_deref().unwrap_or(""), "reply received");
-        decode_reply::<T>(reply, codec)
+        let out = self.outgoing().map_err(CallError::widen)?;
+        let reply = send::call(&origin, out).await.map_err(CallError::widen)?;
+        send::decode_reply::<T::Output, T::Error>(reply, codec)
     }
 
-    fn prepare(
-        self,
-        origin: &Origin<'_>,
-        deadline_ms: Option<u64>,
-    ) -> Result<(TaskId, Vec<u8>, BasicProperties), CallError> {
+    fn outgoing(self) -> Result<Outgoing<'static>, CallError> {
         let body = self
             .codec
             .encode_args::<T>(&self.args)
             .map_err(|e| CallError::Encode(e.to_string()))?;
-        let id = self.task_id.unwrap_or_default();
-        let parent = origin.parent;
-        let trace = parent.map_or_else(TraceParent::new_root, |p| p.trace().child());
-        let headers = TaskHeaders {
-            task: Some(T::NAME.to_owned()),
-            wire: Some(wire::WIRE_VERSION),
-            signature: Some(T::signature().fingerprint().to_owned()),
-            attempt: 1,
-            deadline_ms,
-            eta_ms: None,
-            root_id: Some(parent.map_or_else(|| id.to_string(), |p| p.root_id().to_string())),
-            parent_id: parent.map(|p| p.task_id().to_string()),
-            traceparent: Some(trace.to_string()),
-        };
-        let properties = BasicProperties::default()
-            .with_message_id(wire::short(id.as_str()))
-            .with_content_type(self.codec.content_type().into())
-            .with_type(wire::TYPE_CALL.into())
-            .with_headers(headers.to_table());
-        Ok((id, body, properties))
+        Ok(Outgoing {
+            name: T::NAME,
+            queue: T::QUEUE,
+            signature: Some(T::signature().fingerprint()),
+            codec: self.codec,
+            body,
+            id: self.task_id.unwrap_or_default(),
+            eta: self.eta,
+            ceiling: send::ceiling(T::TIMEOUT, T::RETRIES, T::BACKOFF),
+            timeout: self.timeout,
+        })
     }
-}
-
-fn decode_reply<T: Task>(
-    reply: Reply,
-    request_codec: Codec,
-) -> Result<T::Output, CallError<T::Error>> {
-    let codec = reply
-        .content_type
-        .as_deref()
-        .and_then(Codec::from_content_type)
-        .unwrap_or(request_codec);
-    match reply.kind.as_deref() {
-        Some(wire::TYPE_ERROR) => {
-            let error = wire::decode_error::<T::Error>(codec, &reply.body)
-                .map_err(|e| CallError::BadReply(format!("error reply: {e}")))?;
-            Err(into_call_error(error))
-        }
-        _ => codec
-            .decode::<T::Output>(&reply.body)
-            .map_err(|e| CallError::BadReply(e.to_string())),
-    }
-}
-
-fn into_call_error<E>(error: wire::ReceivedError<E>) -> CallError<E> {
-    let message = error.message;
-    match error.kind.as_deref().and_then(ErrorKind::parse) {
-        Some(ErrorKind::Task) => match error.value {
-            Some(value) => CallError::Task(value),
-            None => CallError::Remote {
-                kind: error.type_name,
-                message,
-            },
-        },
-        Some(ErrorKind::UnknownTask) => CallError::UnknownTask(message),
-        Some(ErrorKind::BadPayload) => CallError::BadPayload(message),
-        Some(ErrorKind::SignatureMismatch) => CallError::SignatureMismatch(message),
-        Some(ErrorKind::Panicked) => CallError::Panicked(message),
-        Some(ErrorKind::TimeLimit) => CallError::TimeLimit(message),
-        Some(ErrorKind::Deadline) => CallError::Timeout,
-        Some(ErrorKind::UnsupportedContentType | ErrorKind::TooLarge) => {
-            CallError::Rejected(message)
-        }
-        Some(ErrorKind::BadResult) => CallError::BadReply(message),
-        None => CallError::Remote {
-            kind: if error.type_name.is_empty() {
-                error.kind.unwrap_or_else(|| "error".to_owned())
-            } else {
-                error.type_name
-            },
-            message,
-        },
-    }
-}
-
-pub(crate) fn unix_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

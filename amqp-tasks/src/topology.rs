@@ -5,10 +5,116 @@
 //!   `<namespace>.` when a namespace is configured; durable; its only argument is `x-queue-type`.
 //! - Its dead letters go to `<queue>.dlq`, durable, same type.
 //! - Only workers (and the provisioning command) declare them; clients never do.
+//!
+//! # Delays
+//!
+//! Delayed tasks (`.countdown()`, `.eta()`) and retries wait in the broker, not in a worker's
+//! memory: in one of a cascade of fixed-delay queues, `<namespace>.amqp-tasks.delay.<ms>` for
+//! 100 ms × 2ⁿ (n = 0..=20, 100 ms to 29 h), each with `x-message-ttl` = its delay and
+//! `x-dead-letter-exchange` = `""`. A delayed message is published to the headers exchange
+//! `<namespace>.amqp-tasks.delay` with routing key = its task queue and header `delay_bucket` =
+//! the largest delay not longer than what remains; when it expires, the broker dead-letters it to
+//! its task queue (the routing key is kept). A worker that receives a task whose `eta` is still
+//! 100 ms or more away sends it on to the next bucket. So any delay works, hop by hop (each hop
+//! at least halves what remains), with a resolution of 100 ms (a task may start up to 100 ms
+//! early, never late by the cascade). Fixed-delay queues expire in order: no message waits behind
+//! a longer one.
 
 use lapin::Channel;
-use lapin::options::QueueDeclareOptions;
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use std::time::Duration;
+
+/// Delays shorter than this are not held: the task runs now.
+pub const DELAY_RESOLUTION: Duration = Duration::from_millis(100);
+
+/// The delay of each bucket queue, in milliseconds: 100 ms × 2ⁿ.
+pub const DELAY_BUCKETS_MS: [u64; 21] = {
+    let mut buckets = [0; 21];
+    let mut n = 0;
+    while n < 21 {
+        buckets[n] = 100 << n;
+        n += 1;
+    }
+    buckets
+};
+
+/// The header that routes a delayed message to its bucket.
+pub(crate) const DELAY_BUCKET_HEADER: &str = "delay_bucket";
+
+/// The bucket for a delay: the longest not longer than `remaining_ms`; `None` below the resolution.
+pub(crate) fn delay_bucket(remaining_ms: u64) -> Option<u64> {
+    DELAY_BUCKETS_MS
+        .iter()
+        .rev()
+        .copied()
+        .find(|bucket| *bucket <= remaining_ms)
+}
+
+/// The headers exchange delayed messages are published to.
+pub fn delay_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.delay")
+}
+
+/// The bucket queue of a delay.
+pub fn delay_queue(namespace: Option<&str>, bucket_ms: u64) -> String {
+    queue_name(namespace, &format!("amqp-tasks.delay.{bucket_ms}ms"))
+}
+
+/// Declares the delay exchange and its bucket queues (idempotent; workers do it at start-up).
+pub(crate) async fn declare_delays(
+    channel: &Channel,
+    namespace: Option<&str>,
+) -> Result<(), lapin::Error> {
+    let exchange = delay_exchange(namespace);
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Headers,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for bucket in DELAY_BUCKETS_MS {
+        let queue = delay_queue(namespace, bucket);
+        let mut arguments = arguments(QueueType::Classic);
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(bucket as i64),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await?;
+        let mut binding = FieldTable::default();
+        binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
+        binding.insert(
+            DELAY_BUCKET_HEADER.into(),
+            AMQPValue::LongString(bucket.to_string().into()),
+        );
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                binding,
+            )
+            .await?;
+    }
+    Ok(())
+}
 
 /// The RabbitMQ queue type of task and dead-letter queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -96,4 +202,28 @@ pub(crate) async fn declare_task_queue(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_100ms_to_29h() {
+        assert_eq!(DELAY_BUCKETS_MS[0], 100);
+        assert_eq!(DELAY_BUCKETS_MS[20], 104_857_600);
+        assert_eq!(delay_bucket(99), None);
+        assert_eq!(delay_bucket(100), Some(100));
+        assert_eq!(delay_bucket(399), Some(200));
+        assert_eq!(delay_bucket(400), Some(400));
+        assert_eq!(delay_bucket(u64::MAX), Some(104_857_600));
+    }
+
+    #[test]
+    fn names_follow_the_namespace() {
+        assert_eq!(queue_name(Some("staging"), "add"), "staging.add");
+        assert_eq!(dead_letter_queue("staging.add"), "staging.add.dlq");
+        assert_eq!(delay_exchange(None), "amqp-tasks.delay");
+        assert_eq!(delay_queue(Some("t"), 800), "t.amqp-tasks.delay.800ms");
+    }
 }

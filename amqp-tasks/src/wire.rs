@@ -27,6 +27,9 @@
 //! | `eta` | integer | not before, Unix milliseconds |
 //! | `root_id`, `parent_id` | string | task ids of the chain of tasks that caused this one |
 //! | `traceparent` | string | W3C trace context |
+//! | `errors` | array of strings | the errors of earlier attempts (set by retries) |
+//! | `redeliveries` | integer | how often the broker redelivered it (set by workers; see below) |
+//! | `delay_bucket` | string | routes a delayed message to its bucket queue ([`topology`](crate::topology)) |
 //!
 //! The body holds the arguments: in bincode, the tuple of the arguments in order; in JSON, an
 //! object keyed by parameter name (`{"a": 1, "b": 2}`). Unknown and missing keys are errors that
@@ -51,6 +54,15 @@
 //! original properties (minus `expiration`) and headers, plus `dead_reason` (an [`ErrorKind`]),
 //! `dead_error` (the message), `dead_queue` and `dead_at` (Unix milliseconds); only after its
 //! publisher confirm is the original acked.
+//!
+//! # Redeliveries
+//!
+//! A message that kills its worker every time (abort, stack overflow, out of memory) comes back
+//! with the `redelivered` flag. A worker receiving such a message from a classic queue does not
+//! run it: it republishes a copy with `redeliveries` incremented and acks the original, so the
+//! count survives the next crash; past the limit (`--max-redeliveries`, default 5) the message is
+//! dead-lettered as `too_many_redeliveries`. Quorum queues count for themselves
+//! (`x-delivery-count`). Tasks returned to the queue by a graceful shutdown count too.
 
 use crate::codec::{Codec, CodecError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -87,6 +99,12 @@ pub mod header {
     pub const PARENT_ID: &str = "parent_id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// The errors of earlier attempts.
+    pub const ERRORS: &str = "errors";
+    /// How often the broker redelivered the message, as counted by workers.
+    pub const REDELIVERIES: &str = "redeliveries";
+    /// Set by quorum queues: how often the message was delivered before.
+    pub const DELIVERY_COUNT: &str = "x-delivery-count";
     /// Dead letters: why ([`ErrorKind`](super::ErrorKind)).
     pub const DEAD_REASON: &str = "dead_reason";
     /// Dead letters: the error message.
@@ -121,6 +139,8 @@ pub enum ErrorKind {
     TooLarge,
     /// The task succeeded but its result could not be encoded.
     BadResult,
+    /// The message was redelivered too often: it probably kills its worker.
+    TooManyRedeliveries,
 }
 
 impl ErrorKind {
@@ -137,12 +157,13 @@ impl ErrorKind {
             ErrorKind::UnsupportedContentType => "unsupported_content_type",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::BadResult => "bad_result",
+            ErrorKind::TooManyRedeliveries => "too_many_redeliveries",
         }
     }
 
     /// The kind of a wire name.
     pub fn parse(name: &str) -> Option<ErrorKind> {
-        const ALL: [ErrorKind; 10] = [
+        const ALL: [ErrorKind; 11] = [
             ErrorKind::Task,
             ErrorKind::UnknownTask,
             ErrorKind::BadPayload,
@@ -153,6 +174,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedContentType,
             ErrorKind::TooLarge,
             ErrorKind::BadResult,
+            ErrorKind::TooManyRedeliveries,
         ];
         ALL.into_iter().find(|kind| kind.as_str() == name)
     }
@@ -170,11 +192,49 @@ pub(crate) struct TaskHeaders {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub traceparent: Option<String>,
+    pub errors: Vec<String>,
+    pub redeliveries: u32,
+    /// `x-delivery-count`, set by quorum queues (read only).
+    pub delivery_count: Option<u32>,
 }
 
 impl TaskHeaders {
     pub fn to_table(&self) -> FieldTable {
-        let mut table = FieldTable::default();
+        self.write_into(FieldTable::default())
+    }
+
+    /// These headers over `original`'s, keeping any header this format does not define.
+    pub fn write_into(&self, original: FieldTable) -> FieldTable {
+        let mut map = original.inner().clone();
+        for key in [
+            header::TASK,
+            header::SIGNATURE,
+            header::ROOT_ID,
+            header::PARENT_ID,
+            header::TRACEPARENT,
+            header::DEADLINE,
+            header::ETA,
+            header::ERRORS,
+            header::REDELIVERIES,
+            crate::topology::DELAY_BUCKET_HEADER,
+        ] {
+            map.remove(key);
+        }
+        let mut table = FieldTable::from(map);
+        if !self.errors.is_empty() {
+            let errors: Vec<AMQPValue> = self
+                .errors
+                .iter()
+                .map(|e| AMQPValue::LongString(e.as_str().into()))
+                .collect();
+            table.insert(header::ERRORS.into(), AMQPValue::FieldArray(errors.into()));
+        }
+        if self.redeliveries > 0 {
+            table.insert(
+                header::REDELIVERIES.into(),
+                AMQPValue::LongLongInt(i64::from(self.redeliveries)),
+            );
+        }
         let mut string = |key: &str, value: &Option<String>| {
             if let Some(value) = value {
                 table.insert(key.into(), AMQPValue::LongString(value.as_str().into()));
@@ -234,6 +294,19 @@ impl TaskHeaders {
             root_id: get(header::ROOT_ID).and_then(value_string),
             parent_id: get(header::PARENT_ID).and_then(value_string),
             traceparent: get(header::TRACEPARENT).and_then(value_string),
+            errors: match get(header::ERRORS) {
+                Some(AMQPValue::FieldArray(errors)) => {
+                    errors.as_slice().iter().filter_map(value_string).collect()
+                }
+                _ => Vec::new(),
+            },
+            redeliveries: get(header::REDELIVERIES)
+                .and_then(value_i64)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            delivery_count: get(header::DELIVERY_COUNT)
+                .and_then(value_i64)
+                .and_then(|n| u32::try_from(n).ok()),
         }
     }
 }
@@ -368,8 +441,28 @@ mod tests {
             root_id: Some("r".into()),
             parent_id: Some("p".into()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            errors: vec!["attempt 1: boom".into()],
+            redeliveries: 2,
+            delivery_count: None,
         };
         assert_eq!(TaskHeaders::from_table(Some(&headers.to_table())), headers);
+    }
+
+    #[test]
+    fn rewriting_keeps_foreign_headers_and_drops_stale_ones() {
+        let mut original = FieldTable::default();
+        original.insert("x-custom".into(), AMQPValue::LongString("kept".into()));
+        original.insert("eta".into(), AMQPValue::LongLongInt(5));
+        original.insert("delay_bucket".into(), AMQPValue::LongString("800".into()));
+        let rewritten = TaskHeaders {
+            attempt: 2,
+            ..TaskHeaders::default()
+        }
+        .write_into(original);
+        let map = rewritten.inner();
+        assert!(map.contains_key("x-custom"));
+        assert!(!map.contains_key("eta") && !map.contains_key("delay_bucket"));
+        assert_eq!(map.get("attempt"), Some(&AMQPValue::LongLongInt(2)));
     }
 
     #[test]
@@ -435,6 +528,7 @@ mod tests {
             "unsupported_content_type",
             "too_large",
             "bad_result",
+            "too_many_redeliveries",
         ] {
             assert_eq!(ErrorKind::parse(name).unwrap().as_str(), name);
         }

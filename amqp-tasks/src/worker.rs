@@ -14,6 +14,7 @@
 
 mod acker;
 mod cli;
+pub mod dead_letters;
 mod process;
 
 pub use cli::main;
@@ -40,6 +41,8 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Default of [`WorkerBuilder::max_body_size`].
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+/// Default of [`WorkerBuilder::max_redeliveries`].
+pub const DEFAULT_MAX_REDELIVERIES: u32 = 5;
 
 /// A configured worker; see the [module documentation](self).
 pub struct Worker {
@@ -55,6 +58,7 @@ struct Settings {
     grace: Duration,
     queue_type: QueueType,
     max_body: usize,
+    max_redeliveries: u32,
 }
 
 /// Configures a [`Worker`].
@@ -67,6 +71,7 @@ pub struct WorkerBuilder {
     grace: Duration,
     queue_type: QueueType,
     max_body: usize,
+    max_redeliveries: u32,
 }
 
 impl Worker {
@@ -80,6 +85,7 @@ impl Worker {
             grace: DEFAULT_GRACE,
             queue_type: QueueType::Classic,
             max_body: DEFAULT_MAX_BODY,
+            max_redeliveries: DEFAULT_MAX_REDELIVERIES,
         }
     }
 
@@ -217,6 +223,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// How often a message may come back redelivered (its worker died running it) before it is
+    /// dead-lettered as a poison message instead of run again (default 5; see
+    /// [`wire`](crate::wire#redeliveries)).
+    pub fn max_redeliveries(mut self, limit: u32) -> Self {
+        self.max_redeliveries = limit;
+        self
+    }
+
     /// Checks the configuration: refuses duplicate task names, an empty set of tasks and
     /// unknown names in the filter.
     pub fn build(self) -> Result<Worker, Error> {
@@ -237,6 +251,7 @@ impl WorkerBuilder {
                 grace: self.grace,
                 queue_type: self.queue_type,
                 max_body: self.max_body,
+                max_redeliveries: self.max_redeliveries,
             },
         })
     }
@@ -245,6 +260,38 @@ impl WorkerBuilder {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         self.build()?.serve(shutdown).await
     }
+}
+
+/// Declares the queues of `tasks` and the delay queues (what a worker does at start-up), for
+/// provisioning ahead of deployment. Returns the task queues.
+pub(crate) async fn declare(
+    client: &Client,
+    tasks: &[&'static Registration],
+    queue_type: QueueType,
+) -> Result<Vec<String>, Error> {
+    let broker = |action: String| move |source| Error::Broker { action, source };
+    let session = client
+        .session()
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(broker("opening a channel".to_owned()))?;
+    topology::declare_delays(&channel, client.namespace())
+        .await
+        .map_err(broker("declaring the delay queues".to_owned()))?;
+    let mut queues: Vec<String> = tasks.iter().map(|t| client.queue_name(t.queue())).collect();
+    queues.sort();
+    queues.dedup();
+    for queue in &queues {
+        topology::declare_task_queue(&channel, queue, queue_type)
+            .await
+            .map_err(broker(format!("declaring `{queue}`")))?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(queues)
 }
 
 struct Shared {
@@ -282,6 +329,15 @@ async fn open_consumers(
 ) -> Result<Vec<QueueConsumer>, Error> {
     let broker = |action: String| move |source| Error::Broker { action, source };
     let mut consumers = Vec::with_capacity(queues.len());
+    let channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(broker("opening a channel".to_owned()))?;
+    topology::declare_delays(&channel, shared.client.namespace())
+        .await
+        .map_err(broker("declaring the delay queues".to_owned()))?;
+    let _ = channel.close(200, "declared".into()).await;
     for (queue, tasks) in queues {
         let channel = session
             .connection
@@ -489,7 +545,7 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Exponential backoff with jitter for reconnecting: 100 ms doubling to 10 s.
+/// Exponential backoff with jitter for reconnecting: 100 ms doubling to 5 s.
 #[derive(Default)]
 struct Backoff {
     attempt: u32,
@@ -497,9 +553,15 @@ struct Backoff {
 
 impl Backoff {
     fn next(&mut self) -> Duration {
-        let base = 100u64.saturating_mul(1 << self.attempt.min(7)).min(10_000);
+        let base = 100u64.saturating_mul(1 << self.attempt.min(6)).min(5_000);
         self.attempt += 1;
         let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * base / 1024;
         Duration::from_millis(base + jitter)
     }
+}
+
+/// The longest delay before retry `retry` (1-based): `backoff × 2^(retry-1)`, plus 25% jitter.
+pub(crate) fn backoff_ceiling(backoff: Duration, retry: u32) -> Duration {
+    let base = backoff.saturating_mul(1u32 << retry.saturating_sub(1).min(20));
+    base.saturating_add(base / 4)
 }

@@ -79,6 +79,11 @@ impl TestEnv {
                 let queue = format!("{namespace}.{}", t.queue());
                 [format!("{queue}.dlq"), queue]
             })
+            .chain(
+                amqp_tasks::topology::DELAY_BUCKETS_MS
+                    .iter()
+                    .map(|bucket| amqp_tasks::topology::delay_queue(Some(&namespace), *bucket)),
+            )
             .collect();
         TestEnv {
             namespace,
@@ -156,6 +161,7 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
+        let exchange = amqp_tasks::topology::delay_exchange(Some(&self.namespace));
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own: the test's may be gone (or panicking).
         let cleanup = std::thread::spawn(move || {
@@ -173,6 +179,12 @@ impl Drop for TestEnv {
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                         .await;
                 }
+                let _ = channel
+                    .exchange_delete(
+                        exchange.as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await;
                 let _ = connection.close(200, "test cleanup".into()).await;
                 Some(())
             })
@@ -324,6 +336,11 @@ impl WorkerProcess {
         self
     }
 
+    /// True once the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Sends a signal (`TERM`, `INT`, `KILL`).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
@@ -361,4 +378,39 @@ impl Drop for WorkerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `rabbitmqctl` (the tests that act on the broker itself need it, as root).
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("rabbitmqctl is needed by this test (run as root): {e}"));
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Closes, from the broker's side, every connection whose client properties contain `marker`
+/// (a connection name); returns how many.
+pub fn close_connections(marker: &str) -> usize {
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "-q",
+        "--no-table-headers",
+    ]);
+    let pids: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(marker))
+        .filter_map(|line| line.split('\t').next())
+        .collect();
+    for pid in &pids {
+        rabbitmqctl(&["close_connection", pid, "closed by a test"]);
+    }
+    pids.len()
 }

@@ -176,3 +176,73 @@ pub async fn relay_sum(ctx: Context, n: i64) -> Result<i64, String> {
     }
     Ok(total)
 }
+
+// --- resilience ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlakyError {
+    NotYet { attempt: u32 },
+    Fatal,
+}
+
+impl amqp_tasks::Retryable for FlakyError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, FlakyError::NotYet { .. })
+    }
+}
+
+fn append(path: &str, line: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the record file");
+    file.write_all(format!("{line}\n").as_bytes())
+        .expect("append");
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// Fails its first `failures` runs (counted in `<path>`, across attempts and processes), then
+/// succeeds with the attempt number the worker gave it. Records `run,attempt,unix_ms` per run.
+#[task(retries = 3, backoff = "300ms")]
+pub async fn flaky(ctx: Context, path: String, failures: u32) -> Result<u32, FlakyError> {
+    let runs = std::fs::read_to_string(&path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0) as u32
+        + 1;
+    append(&path, &format!("{runs},{},{}", ctx.attempt(), now_ms()));
+    if runs <= failures {
+        Err(FlakyError::NotYet {
+            attempt: ctx.attempt(),
+        })
+    } else {
+        Ok(ctx.attempt())
+    }
+}
+
+/// Never worth retrying, although the task asks for retries.
+#[task(retries = 3, backoff = "100ms")]
+pub async fn fatal(path: String) -> Result<(), FlakyError> {
+    append(&path, "ran");
+    Err(FlakyError::Fatal)
+}
+
+/// Appends `n` to the file at `path`.
+#[task]
+pub async fn record(path: String, n: u64) {
+    append(&path, &n.to_string());
+}
+
+/// Kills the process running it, every time: nothing `catch_unwind` could see.
+#[task]
+pub async fn poison(path: String) {
+    append(&path, &std::process::id().to_string());
+    std::process::abort();
+}

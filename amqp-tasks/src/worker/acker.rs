@@ -18,6 +18,8 @@ pub(crate) enum Settle {
     Ack(u64),
     /// Not started (shutdown) or not safely finished: back to the queue.
     Requeue(u64),
+    /// Acked already, by its handler.
+    AckedAlone(u64),
 }
 
 /// Sends settlements to the channel's acker.
@@ -42,6 +44,7 @@ pub(crate) fn spawn(channel: Channel) -> (AckSender, JoinHandle<()>) {
             for settle in batch.drain(..) {
                 match settle {
                     Settle::Ack(tag) => window.finished(tag),
+                    Settle::AckedAlone(tag) => window.settled_alone(tag),
                     Settle::Requeue(tag) => {
                         // Sent before any multiple ack that covers it, so it is not acked by one.
                         let options = BasicNackOptions {

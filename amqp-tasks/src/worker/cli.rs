@@ -14,10 +14,10 @@ use std::time::Duration;
 #[command(version, about = "Serves the amqp-tasks tasks linked into this binary", long_about = None)]
 struct Cli {
     /// Broker URL (amqp://user:password@host:port/vhost).
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_URL, hide_default_value = true, hide_env_values = true)]
+    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_URL, hide_default_value = true, hide_env_values = true)]
     url: String,
     /// Prefix of every queue name (`<namespace>.<queue>`), to keep environments apart.
-    #[arg(long, env = "AMQP_TASKS_NAMESPACE", default_value = "")]
+    #[arg(long, global = true, env = "AMQP_TASKS_NAMESPACE", default_value = "")]
     namespace: String,
     /// Tasks running at once in the whole process, across all queues.
     #[arg(long, short = 'c', env = "AMQP_TASKS_CONCURRENCY", default_value_t = super::DEFAULT_CONCURRENCY)]
@@ -37,12 +37,52 @@ struct Cli {
     /// Larger message bodies are refused and dead-lettered (bytes).
     #[arg(long, env = "AMQP_TASKS_MAX_BODY_SIZE", default_value_t = super::DEFAULT_MAX_BODY)]
     max_body_size: usize,
+    /// Redeliveries of a message (its worker died running it) before it is dead-lettered.
+    #[arg(long, env = "AMQP_TASKS_MAX_REDELIVERIES", default_value_t = super::DEFAULT_MAX_REDELIVERIES)]
+    max_redeliveries: u32,
     /// Worker threads of the runtime [default: one per core].
     #[arg(long, env = "AMQP_TASKS_THREADS")]
     threads: Option<usize>,
     /// Print every task of this binary with its arguments and queue, then exit.
     #[arg(long)]
     list: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Dead letters of a task: list them, replay them.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Declare the queues of the served tasks (and the delay queues), then exit.
+    Declare,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum DlqAction {
+    /// List a task's dead-lettered messages with their reasons (they stay where they are).
+    List {
+        /// The task name.
+        task: String,
+        /// List at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move a task's dead letters back into its queue: same task id, attempt count reset, no
+    /// reply expected.
+    Replay {
+        /// The task name.
+        task: String,
+        /// Replay only the message with this task id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Replay at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 /// Runs the worker binary: parses the command line (and `AMQP_*` environment variables), logs
@@ -67,6 +107,17 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(command) = &cli.command {
+        let result = runtime.block_on(admin(&cli, command));
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("worker: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(async {
         // Duplicate names, no tasks and a bad filter are reported before connecting.
         let filter: Option<Vec<String>> = cli
@@ -82,7 +133,8 @@ pub fn main() -> ExitCode {
             .concurrency(cli.concurrency)
             .grace_period(cli.grace)
             .queue_type(cli.queue_type)
-            .max_body_size(cli.max_body_size);
+            .max_body_size(cli.max_body_size)
+            .max_redeliveries(cli.max_redeliveries);
         if let Some(prefetch) = cli.prefetch {
             builder = builder.prefetch(prefetch);
         }
@@ -106,6 +158,63 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The commands that administer rather than serve.
+async fn admin(cli: &Cli, command: &Command) -> Result<(), crate::Error> {
+    let client = Client::builder(cli.url.clone())
+        .namespace(cli.namespace.clone())
+        .connect()
+        .await?;
+    let queue_of = |name: &str| -> Result<String, crate::Error> {
+        let task = registry::tasks()
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| {
+                crate::Error::Config(format!("no task named `{name}` in this binary"))
+            })?;
+        Ok(client.queue_name(task.queue()))
+    };
+    let result = match command {
+        Command::Dlq {
+            action: DlqAction::List { task, limit },
+        } => {
+            let queue = queue_of(task)?;
+            let letters = super::dead_letters::list(&client, &queue, *limit).await?;
+            println!(
+                "{} dead letter(s) in {}",
+                letters.len(),
+                crate::topology::dead_letter_queue(&queue)
+            );
+            for letter in letters {
+                println!("{letter}");
+            }
+            Ok(())
+        }
+        Command::Dlq {
+            action: DlqAction::Replay { task, id, limit },
+        } => {
+            let queue = queue_of(task)?;
+            let replayed =
+                super::dead_letters::replay(&client, &queue, id.as_deref(), *limit).await?;
+            println!("replayed {replayed} message(s) into {queue}");
+            Ok(())
+        }
+        Command::Declare => {
+            let tasks = registry::select(&registry::tasks(), cli.tasks.as_deref())?;
+            let queues = super::declare(&client, &tasks, cli.queue_type).await?;
+            for queue in queues {
+                println!(
+                    "declared {queue} and {}",
+                    crate::topology::dead_letter_queue(&queue)
+                );
+            }
+            println!("declared the delay queues of namespace `{}`", cli.namespace);
+            Ok(())
+        }
+    };
+    client.close().await;
+    result
 }
 
 fn print_list(cli: &Cli) {

@@ -1,4 +1,5 @@
-//! One delivery: check it, run it, answer it, dead-letter it where due, settle it.
+//! One delivery: check it, run it (or send it on: not due yet, a retry, a redelivery to count),
+//! answer it, dead-letter it where due, settle it.
 
 use super::acker::Settle;
 use super::{InFlightGuard, QueueState, Shared};
@@ -6,7 +7,9 @@ use crate::codec::Codec;
 use crate::context::{Context, ContextParts, Slot};
 use crate::handler::Outcome;
 use crate::registry::Registration;
-use crate::task::{TaskId, unix_ms};
+use crate::send::unix_ms;
+use crate::task::TaskId;
+use crate::topology::{DELAY_RESOLUTION, QueueType};
 use crate::trace::TraceParent;
 use crate::wire::{self, ErrorKind, ErrorReply, TaskHeaders, header};
 use lapin::BasicProperties;
@@ -19,12 +22,20 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// What to do with a delivery once it was looked at (and maybe run).
-struct Verdict {
-    /// The reply type and body, in `codec`.
-    reply: (&'static str, Vec<u8>),
-    codec: Codec,
-    /// Dead-letter it, with this reason.
-    dead_letter: Option<(ErrorKind, String)>,
+enum Verdict {
+    /// Answer it (where a reply is asked for), dead-letter it if due, ack it.
+    Answer {
+        /// The reply type and body, in `codec`.
+        reply: (&'static str, Vec<u8>),
+        codec: Codec,
+        dead_letter: Option<(ErrorKind, String)>,
+    },
+    /// Publish a copy with these headers (through the delay queues if its eta is ahead), then
+    /// ack the original.
+    Forward {
+        headers: TaskHeaders,
+        why: &'static str,
+    },
 }
 
 impl Verdict {
@@ -34,7 +45,7 @@ impl Verdict {
             .encode(&reply)
             .or_else(|_| Codec::Json.encode(&reply))
             .unwrap_or_default();
-        Verdict {
+        Verdict::Answer {
             reply: (wire::TYPE_ERROR, body),
             codec,
             dead_letter: dead_letter.then_some((kind, message)),
@@ -52,7 +63,7 @@ pub(super) async fn handle(
     let mut abandon = shared.abandon.subscribe();
     let work = async {
         let verdict = judge_and_run(&shared, &queue, &delivery, permit).await;
-        respond(&shared, &queue, &delivery, verdict).await
+        carry_out(&shared, &queue, &delivery, verdict).await
     };
     tokio::select! {
         settle = work => queue.acks.send(settle),
@@ -82,6 +93,9 @@ async fn judge_and_run(
         .content_type()
         .as_ref()
         .and_then(|c| Codec::from_content_type(c.as_str()));
+    if let Some(verdict) = count_redelivery(shared, queue, delivery, &headers, codec, id) {
+        return verdict;
+    }
     let Some(codec) = codec else {
         let content_type = properties
             .content_type()
@@ -149,11 +163,14 @@ async fn judge_and_run(
             );
         }
     }
+    let now_ms = unix_ms(SystemTime::now());
     let deadline = headers.deadline_ms.map(|deadline_ms| {
-        let remaining = deadline_ms.saturating_sub(unix_ms(SystemTime::now()));
-        Instant::now() + Duration::from_millis(remaining)
+        Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
     });
-    if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+    if headers
+        .deadline_ms
+        .is_some_and(|deadline| deadline <= now_ms)
+    {
         tracing::info!(
             task = task.name(),
             id,
@@ -165,6 +182,14 @@ async fn judge_and_run(
             "the deadline passed before the task could start".into(),
             false,
         );
+    }
+    if let Some(eta) = headers.eta_ms
+        && eta.saturating_sub(now_ms) >= DELAY_RESOLUTION.as_millis() as u64
+    {
+        return Verdict::Forward {
+            headers,
+            why: "not due yet",
+        };
     }
 
     let trace = headers
@@ -183,10 +208,10 @@ async fn judge_and_run(
         task_id,
         task_name: task.name().to_owned(),
         attempt: headers.attempt,
-        redelivered: delivery.redelivered,
+        redelivered: delivery.redelivered || headers.redeliveries > 0,
         deadline,
-        root_id: headers.root_id.map(TaskId::from),
-        parent_id: headers.parent_id.map(TaskId::from),
+        root_id: headers.root_id.clone().map(TaskId::from),
+        parent_id: headers.parent_id.clone().map(TaskId::from),
         trace: trace.clone(),
         slot: Some(slot.clone()),
     });
@@ -199,33 +224,128 @@ async fn judge_and_run(
     );
     let outcome = (task.run)(ctx, codec, &delivery.data).await;
     slot.finish();
+    let trace_id = trace.trace_id();
     match outcome {
         Outcome::Value(body) => {
-            tracing::debug!(
-                task = task.name(),
-                id,
-                trace_id = trace.trace_id(),
-                "task succeeded"
-            );
-            Verdict {
+            tracing::debug!(task = task.name(), id, trace_id, "task succeeded");
+            Verdict::Answer {
                 reply: (wire::TYPE_RESULT, body),
                 codec,
                 dead_letter: None,
             }
         }
-        Outcome::TaskError { body, message } => {
-            tracing::info!(task = task.name(), id, trace_id = trace.trace_id(), error = %message, "task returned an error");
-            Verdict {
+        Outcome::TaskError {
+            body,
+            message,
+            retryable,
+        } => {
+            if retryable && let Some(retry) = next_attempt(task, headers.clone(), &message) {
+                tracing::info!(task = task.name(), id, trace_id, attempt = headers.attempt, error = %message, "task failed; retrying");
+                return retry;
+            }
+            tracing::info!(task = task.name(), id, trace_id, error = %message, "task returned an error");
+            // A task that asked for retries and used them up is dead-lettered with its history.
+            let dead_letter = (task.retries() > 0).then(|| {
+                (
+                    ErrorKind::Task,
+                    format!("failed after {} attempt(s): {message}", headers.attempt),
+                )
+            });
+            Verdict::Answer {
                 reply: (wire::TYPE_ERROR, body),
                 codec,
-                dead_letter: None,
+                dead_letter,
             }
         }
-        Outcome::Failure { kind, message } => {
-            tracing::warn!(task = task.name(), id, trace_id = trace.trace_id(), reason = kind.as_str(), error = %message, "task failed; dead-lettering it");
+        Outcome::Failure {
+            kind,
+            message,
+            retryable,
+        } => {
+            if retryable && let Some(retry) = next_attempt(task, headers.clone(), &message) {
+                tracing::warn!(task = task.name(), id, trace_id, reason = kind.as_str(), error = %message, "task failed; retrying");
+                return retry;
+            }
+            tracing::warn!(task = task.name(), id, trace_id, reason = kind.as_str(), error = %message, "task failed; dead-lettering it");
             Verdict::failure(codec, kind, message, true)
         }
     }
+}
+
+/// A retry of a failed attempt, if the task has attempts left and its next one can start before
+/// the caller's deadline.
+fn next_attempt(task: &Registration, mut headers: TaskHeaders, error: &str) -> Option<Verdict> {
+    let attempt = headers.attempt;
+    if attempt > task.retries() {
+        return None;
+    }
+    let delay = jittered(super::backoff_ceiling(task.backoff(), attempt) * 4 / 5);
+    let eta = unix_ms(SystemTime::now() + delay);
+    if headers.deadline_ms.is_some_and(|deadline| eta >= deadline) {
+        return None;
+    }
+    headers.errors.push(format!("attempt {attempt}: {error}"));
+    headers.attempt = attempt + 1;
+    headers.eta_ms = Some(eta);
+    Some(Verdict::Forward {
+        headers,
+        why: "retry",
+    })
+}
+
+/// `base` × a random factor in [0.8, 1.2].
+fn jittered(base: Duration) -> Duration {
+    let random = u32::from(uuid::Uuid::new_v4().as_bytes()[0]); // 0..=255
+    base.mul_f64(0.8 + 0.4 * f64::from(random) / 255.0)
+}
+
+/// A message redelivered by the broker may be one that kills its worker: count it, and past
+/// the limit dead-letter it instead of running it again.
+fn count_redelivery(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+    headers: &TaskHeaders,
+    codec: Option<Codec>,
+    id: &str,
+) -> Option<Verdict> {
+    let limit = shared.settings.max_redeliveries;
+    let (count, counted_by_broker) = match headers.delivery_count {
+        // Quorum queues count every return themselves.
+        Some(count) => (count, true),
+        None if delivery.redelivered && shared.settings.queue_type == QueueType::Classic => {
+            (headers.redeliveries + 1, false)
+        }
+        None => return None,
+    };
+    if count > limit {
+        let message = format!(
+            "redelivered {count} times (limit {limit}): it probably kills the worker running it"
+        );
+        let task = headers.task.as_deref().unwrap_or("");
+        return Some(refuse(
+            queue,
+            id,
+            task,
+            codec.unwrap_or(Codec::Json),
+            ErrorKind::TooManyRedeliveries,
+            message,
+        ));
+    }
+    if counted_by_broker {
+        return None;
+    }
+    tracing::info!(queue = %queue.name, id, count, "redelivered message: counting it before running it");
+    let mut counted = headers.clone();
+    counted.redeliveries = count;
+    // The copy waits in the shortest delay queue: by the time it can run (and perhaps kill this
+    // process), the original's ack has reached the broker, so the count is not lost.
+    let soon = unix_ms(SystemTime::now()) + DELAY_RESOLUTION.as_millis() as u64;
+    counted.eta_ms = Some(counted.eta_ms.map_or(soon, |eta| eta.max(soon)));
+    Some(Verdict::Forward {
+        headers: counted,
+        why: "counting a redelivery",
+    })
 }
 
 fn refuse(
@@ -251,20 +371,37 @@ fn find_task(queue: &QueueState, name: Option<&str>) -> Option<&'static Registra
     }
 }
 
+async fn carry_out(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+    verdict: Verdict,
+) -> Settle {
+    match verdict {
+        Verdict::Answer {
+            reply,
+            codec,
+            dead_letter,
+        } => respond(shared, queue, delivery, reply, codec, dead_letter).await,
+        Verdict::Forward { headers, why } => forward(shared, queue, delivery, headers, why).await,
+    }
+}
+
 /// Answers (on the delivery's own channel, so that the reply is ordered before the ack), then
 /// dead-letters where due (waiting for the confirm), and says how to settle the delivery.
 async fn respond(
     shared: &Shared,
     queue: &QueueState,
     delivery: &Delivery,
-    verdict: Verdict,
+    (kind, body): (&'static str, Vec<u8>),
+    codec: Codec,
+    dead_letter: Option<(ErrorKind, String)>,
 ) -> Settle {
     let properties = &delivery.properties;
     if let Some(reply_to) = properties.reply_to() {
-        let (kind, body) = &verdict.reply;
         let mut reply = BasicProperties::default()
-            .with_content_type(verdict.codec.content_type().into())
-            .with_type((*kind).into())
+            .with_content_type(codec.content_type().into())
+            .with_type(kind.into())
             .with_delivery_mode(1);
         if let Some(correlation_id) = properties.correlation_id() {
             reply = reply.with_correlation_id(correlation_id.clone());
@@ -278,7 +415,7 @@ async fn respond(
                 "".into(),
                 reply_to.clone(),
                 BasicPublishOptions::default(),
-                body,
+                &body,
                 reply,
             )
             .await;
@@ -288,8 +425,8 @@ async fn respond(
             return Settle::Requeue(delivery.delivery_tag);
         }
     }
-    if let Some((kind, message)) = verdict.dead_letter
-        && let Err(error) = dead_letter(shared, queue, delivery, kind, &message).await
+    if let Some((kind, message)) = dead_letter
+        && let Err(error) = dead_letter_it(shared, queue, delivery, kind, &message).await
     {
         tracing::error!(%error, queue = %queue.name, "could not dead-letter a message; returning it to its queue");
         return Settle::Requeue(delivery.delivery_tag);
@@ -297,7 +434,84 @@ async fn respond(
     Settle::Ack(delivery.delivery_tag)
 }
 
-async fn dead_letter(
+/// Publishes a copy of the delivery with new headers to its own queue (through the delay queues
+/// when its eta is ahead), waits for the confirm, then acks the original.
+async fn forward(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+    headers: TaskHeaders,
+    why: &'static str,
+) -> Settle {
+    let original = &delivery.properties;
+    let table = headers.write_into(original.headers().clone().unwrap_or_default());
+    let mut properties = copy_properties(original).with_headers(table);
+    if let Some(deadline) = headers.deadline_ms {
+        let left = deadline.saturating_sub(unix_ms(SystemTime::now())).max(1);
+        properties = properties.with_expiration(wire::short(&left.to_string()));
+    }
+    if let Some(mode) = original.delivery_mode() {
+        properties = properties.with_delivery_mode(*mode);
+    }
+    let client = &shared.client;
+    let deadline = Instant::now() + client.confirm_timeout();
+    match client
+        .publish(
+            &queue.name,
+            &delivery.data,
+            properties,
+            headers.eta_ms,
+            deadline,
+        )
+        .await
+    {
+        Ok(()) => {
+            tracing::debug!(queue = %queue.name, why, eta = ?headers.eta_ms, "sent on");
+            // Acked now rather than batched: the copy is in the queue already, and a crash before
+            // the ack would leave two of them.
+            // (If the channel is gone, the broker returns the original along with it.)
+            let _ = queue
+                .channel
+                .basic_ack(
+                    delivery.delivery_tag,
+                    lapin::options::BasicAckOptions::default(),
+                )
+                .await;
+            Settle::AckedAlone(delivery.delivery_tag)
+        }
+        Err(error) => {
+            tracing::warn!(%error, queue = %queue.name, why, "could not send a task on; returning it to its queue");
+            Settle::Requeue(delivery.delivery_tag)
+        }
+    }
+}
+
+/// The properties a copy keeps: everything but `expiration`, `delivery_mode` and the headers,
+/// which the caller sets.
+fn copy_properties(original: &BasicProperties) -> BasicProperties {
+    let mut properties = BasicProperties::default();
+    if let Some(v) = original.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = original.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = original.kind() {
+        properties = properties.with_type(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        properties = properties.with_priority(*v);
+    }
+    properties
+}
+
+async fn dead_letter_it(
     shared: &Shared,
     queue: &QueueState,
     delivery: &Delivery,
@@ -322,27 +536,13 @@ async fn dead_letter(
         header::DEAD_AT.into(),
         AMQPValue::LongLongInt(i64::try_from(unix_ms(SystemTime::now())).unwrap_or(i64::MAX)),
     );
-    let mut properties = BasicProperties::default()
+    let properties = copy_properties(original)
         .with_delivery_mode(2)
         .with_headers(headers);
-    if let Some(v) = original.message_id() {
-        properties = properties.with_message_id(v.clone());
-    }
-    if let Some(v) = original.content_type() {
-        properties = properties.with_content_type(v.clone());
-    }
-    if let Some(v) = original.kind() {
-        properties = properties.with_type(v.clone());
-    }
-    if let Some(v) = original.correlation_id() {
-        properties = properties.with_correlation_id(v.clone());
-    }
-    if let Some(v) = original.reply_to() {
-        properties = properties.with_reply_to(v.clone());
-    }
     let dlq = crate::topology::dead_letter_queue(&queue.name);
-    let session = shared.client.session().await?;
-    session
-        .publish_confirmed(&dlq, &delivery.data, properties)
+    let client = &shared.client;
+    let deadline = Instant::now() + client.confirm_timeout();
+    client
+        .publish(&dlq, &delivery.data, properties, None, deadline)
         .await
 }

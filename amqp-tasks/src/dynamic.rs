@@ -1,0 +1,114 @@
+//! [`DynamicCall`]: a task called by name with JSON arguments, for tools, bridges and scripts that
+//! have no typed stub (the `amqp-tasks call` command is one).
+
+use crate::codec::Codec;
+use crate::error::CallError;
+use crate::send::{self, Outgoing};
+use crate::task::{Caller, TaskId};
+use std::time::{Duration, SystemTime};
+
+/// A call of the task `name` with a JSON object of arguments keyed by parameter name.
+///
+/// It sends no signature fingerprint, so none is checked; the worker checks the JSON keys and
+/// types against the task's parameters and answers `BadPayload` naming the argument at fault.
+///
+/// ```no_run
+/// # async fn example(client: &amqp_tasks::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use amqp_tasks::DynamicCall;
+/// let sum = DynamicCall::new("add", serde_json::json!({"a": 1, "b": 2})).call(client).await?;
+/// assert_eq!(sum, 3);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a DynamicCall does nothing until `.delay(&caller)` or `.call(&caller)`"]
+pub struct DynamicCall {
+    name: String,
+    queue: Option<String>,
+    args: serde_json::Value,
+    timeout: Option<Duration>,
+    eta: Option<SystemTime>,
+    task_id: Option<TaskId>,
+}
+
+impl DynamicCall {
+    /// A call of `name` with `args`, a JSON object (`{"a": 1, "b": 2}`).
+    pub fn new(name: impl Into<String>, args: serde_json::Value) -> Self {
+        DynamicCall {
+            name: name.into(),
+            queue: None,
+            args,
+            timeout: None,
+            eta: None,
+            task_id: None,
+        }
+    }
+
+    /// The task's queue, when it is not named after the task (`#[task(queue = "...")]`).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// How long `.call()` waits (default: 61 s, a task's default time limit plus one second).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Runs the task after this delay (held by the broker).
+    pub fn countdown(mut self, delay: Duration) -> Self {
+        self.eta = Some(SystemTime::now() + delay);
+        self
+    }
+
+    /// Uses this task id instead of a fresh one.
+    pub fn task_id(mut self, id: impl Into<TaskId>) -> Self {
+        self.task_id = Some(id.into());
+        self
+    }
+
+    /// Fire and forget: returns the task id once the broker has confirmed the message.
+    pub async fn delay(self, caller: &impl Caller) -> Result<TaskId, CallError> {
+        let origin = caller.origin();
+        let queue = self.queue.clone().unwrap_or_else(|| self.name.clone());
+        let out = self.outgoing(&queue)?;
+        send::delay(&origin, out).await
+    }
+
+    /// Sends the task and awaits its JSON result; a task error arrives as
+    /// [`CallError::Task`] with the error's JSON value (or [`CallError::Remote`] from a sender
+    /// that gives none).
+    pub async fn call(
+        self,
+        caller: &impl Caller,
+    ) -> Result<serde_json::Value, CallError<serde_json::Value>> {
+        let origin = caller.origin();
+        let queue = self.queue.clone().unwrap_or_else(|| self.name.clone());
+        let out = self.outgoing(&queue).map_err(CallError::widen)?;
+        let reply = send::call(&origin, out).await.map_err(CallError::widen)?;
+        send::decode_reply(reply, Codec::Json)
+    }
+
+    fn outgoing<'a>(&'a self, queue: &'a str) -> Result<Outgoing<'a>, CallError> {
+        if !self.args.is_object() {
+            return Err(CallError::Encode(
+                "the arguments must be a JSON object keyed by parameter name".to_owned(),
+            ));
+        }
+        let body = Codec::Json
+            .encode(&self.args)
+            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let default = crate::__private::DEFAULT_TIMEOUT + send::TRANSIT_ALLOWANCE;
+        Ok(Outgoing {
+            name: &self.name,
+            queue,
+            signature: None,
+            codec: Codec::Json,
+            body,
+            id: self.task_id.clone().unwrap_or_default(),
+            eta: self.eta,
+            ceiling: self.timeout.unwrap_or(default),
+            timeout: self.timeout,
+        })
+    }
+}
