@@ -96,6 +96,12 @@
 
 #![warn(missing_docs)]
 
+// Lets the crate's own tests use `#[task]`, whose expansion names `::amqp_tasks`.
+#[cfg(test)]
+extern crate self as amqp_tasks;
+#[cfg(test)]
+mod fuzz;
+
 mod client;
 pub mod codec;
 mod context;

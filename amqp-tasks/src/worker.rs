@@ -12,7 +12,7 @@
 //! - On shutdown: consumers are cancelled, prefetched tasks not started are requeued, tasks in
 //!   flight finish within the grace period, every ack is sent, then `serve` returns.
 
-mod acker;
+pub(crate) mod acker;
 mod cli;
 pub mod dead_letters;
 mod process;
