@@ -11,6 +11,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, Event,
+    PublisherConfirm,
 };
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -244,6 +245,46 @@ impl Client {
         .unwrap_or(Err(CallError::Timeout))
     }
 
+    /// Publishes many tasks at once: every publish is handed over before the first confirm is
+    /// awaited. One result per message, in order.
+    pub(crate) async fn publish_batch(
+        &self,
+        messages: Vec<Outgoing>,
+        deadline: Instant,
+    ) -> Vec<Result<(), CallError>> {
+        let connected = tokio::time::timeout_at(deadline, self.session_before(deadline)).await;
+        let session = match connected.unwrap_or(Err(CallError::Timeout)) {
+            Ok(session) => session,
+            Err(error) => return messages.iter().map(|_| Err(error.clone())).collect(),
+        };
+        let mut started = Vec::with_capacity(messages.len());
+        for message in messages {
+            let routed = self
+                .route(&session, &message.queue, message.properties, message.eta_ms)
+                .await;
+            let confirm = match routed {
+                Ok((exchange, properties)) => session
+                    .start_publish(&exchange, &message.queue, &message.body, properties)
+                    .await
+                    .map(|confirm| (confirm, exchange)),
+                Err(error) => Err(error),
+            };
+            started.push((confirm, message.queue));
+        }
+        let mut results = Vec::with_capacity(started.len());
+        for (confirm, queue) in started {
+            results.push(match confirm {
+                Ok((confirm, exchange)) => {
+                    tokio::time::timeout_at(deadline, session.confirmed(confirm, &exchange, &queue))
+                        .await
+                        .unwrap_or(Err(CallError::Timeout))
+                }
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
     /// Publishes a request with `reply_to` and waits for its reply until `deadline`.
     pub(crate) async fn request(
         &self,
@@ -320,6 +361,14 @@ impl Drop for ClientInner {
             session.retire("the client was dropped");
         }
     }
+}
+
+/// A task message ready to publish.
+pub(crate) struct Outgoing {
+    pub queue: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+    pub eta_ms: Option<u64>,
 }
 
 /// A reply as received, decoded by the typed call.
@@ -593,7 +642,21 @@ impl Session {
         properties: BasicProperties,
     ) -> Result<(), CallError> {
         let confirm = self
-            .publisher
+            .start_publish(exchange, routing_key, body, properties)
+            .await?;
+        self.confirmed(confirm, exchange, routing_key).await
+    }
+
+    /// Hands a `mandatory` publish to lapin; its confirm is awaited separately, so that many
+    /// publishes can be in flight at once.
+    async fn start_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, CallError> {
+        self.publisher
             .basic_publish(
                 wire::short(exchange),
                 wire::short(routing_key),
@@ -605,7 +668,15 @@ impl Session {
                 properties,
             )
             .await
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| self.failed(e))
+    }
+
+    async fn confirmed(
+        &self,
+        confirm: PublisherConfirm,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), CallError> {
         match confirm.await.map_err(|e| self.failed(e))? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {

@@ -117,6 +117,38 @@ mod trace;
 pub mod wire;
 pub mod worker;
 
+/// Turns an `async fn` into a task.
+///
+/// ```ignore
+/// #[task(name = "math.div", queue = "math", timeout = "5s", retries = 3, backoff = "1s",
+///        retry_on_panic = false, codec = "bincode")]
+/// pub async fn div(a: i64, b: i64) -> Result<i64, DivError> { /* ... */ }
+/// ```
+///
+/// Every key is optional:
+///
+/// | key | meaning | default |
+/// |---|---|---|
+/// | `name` | the task name on the wire, stable across services | the function's name |
+/// | `queue` | the queue it is sent to (tasks may share one) | the name |
+/// | `timeout` | the handler's time limit, and the default deadline of calls (seconds, or `"500ms"`, `"30s"`, `"2m"`, `"1h"`) | 60 s |
+/// | `retries` | attempts after the first when the task returns `Err` (see [`Retryable`]) | 0 |
+/// | `backoff` | delay before the first retry, doubled each time, with ±20% jitter | 1 s |
+/// | `retry_on_panic` | retry a panic like an error | `false` |
+/// | `codec` | `"bincode"` or `"json"`, for calls through the stub | `"bincode"` |
+///
+/// It generates, next to the unchanged function: a stub type of the same name with `new(args…)`
+/// returning a [`TaskCall`], its [`Task`] implementation, and (for a function with a body) a
+/// handler registered for the worker. A function without a body declares a task served
+/// elsewhere: only the stub is generated. See the [crate documentation](crate#what-task-generates)
+/// for the hand-written equivalent.
+///
+/// Misuse is a compile error at the offending tokens: a function that is not `async`, takes
+/// `self`, is generic, has a pattern for a parameter, borrows an argument, puts `Context`
+/// anywhere but first, or an unknown key (the error lists the valid ones).
+///
+/// A task may run at most RabbitMQ's `consumer_timeout` (30 minutes by default): past it the
+/// broker closes the worker's channel and redelivers the task.
 pub use amqp_tasks_macros::task;
 pub use client::{Client, ClientBuilder, DEFAULT_URL};
 pub use codec::{Codec, CodecError};

@@ -63,6 +63,43 @@ pub(crate) async fn delay(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Task
     Ok(out.id)
 }
 
+/// Many `.delay()`s at once: all published before the first confirm is awaited.
+pub(crate) async fn delay_batch(
+    origin: &Origin<'_>,
+    outs: Vec<Result<Outgoing<'_>, CallError>>,
+) -> Vec<Result<TaskId, CallError>> {
+    let client = origin.client;
+    let mut ids = Vec::with_capacity(outs.len());
+    let mut messages = Vec::with_capacity(outs.len());
+    for out in outs {
+        match out {
+            Ok(out) => {
+                let eta_ms = out.eta.map(unix_ms);
+                let properties = envelope(origin, &out, None, eta_ms).with_delivery_mode(2);
+                messages.push(crate::client::Outgoing {
+                    queue: client.queue_name(out.queue),
+                    body: out.body,
+                    properties,
+                    eta_ms,
+                });
+                ids.push(Ok(out.id));
+            }
+            Err(error) => ids.push(Err(error)),
+        }
+    }
+    let deadline = Instant::now() + client.confirm_timeout();
+    let mut confirmed = client.publish_batch(messages, deadline).await.into_iter();
+    ids.into_iter()
+        .map(|id| {
+            let id = id?;
+            confirmed
+                .next()
+                .unwrap_or(Err(CallError::Timeout))
+                .map(|()| id)
+        })
+        .collect()
+}
+
 pub(crate) async fn call(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Reply, CallError> {
     let client = origin.client;
     let mut budget = out.timeout.map_or(out.ceiling, |t| t.min(out.ceiling));

@@ -204,7 +204,8 @@ impl<T: Task> TaskCall<T> {
     /// Fire and forget: returns the task id once the broker has confirmed the message
     /// (persistent, in a durable queue).
     ///
-    /// Concurrent `.delay()`s pipeline their publishes and confirms.
+    /// Concurrent `.delay()`s pipeline their publishes and confirms; to send many from one
+    /// place, [`Client::delay_all`] does it for you.
     pub async fn delay(self, caller: &impl Caller) -> Result<TaskId, CallError> {
         let origin = caller.origin();
         let out = self.outgoing()?;
@@ -223,7 +224,7 @@ impl<T: Task> TaskCall<T> {
         send::decode_reply::<T::Output, T::Error>(reply, codec)
     }
 
-    fn outgoing(self) -> Result<Outgoing<'static>, CallError> {
+    pub(crate) fn outgoing(self) -> Result<Outgoing<'static>, CallError> {
         let body = self
             .codec
             .encode_args::<T>(&self.args)
@@ -239,5 +240,32 @@ impl<T: Task> TaskCall<T> {
             ceiling: send::ceiling(T::TIMEOUT, T::RETRIES, T::BACKOFF),
             timeout: self.timeout,
         })
+    }
+}
+
+impl Client {
+    /// Sends many calls of one task at once (fire and forget): every message is published before
+    /// the first confirm is awaited, so a batch costs about one broker round trip, not one per
+    /// task. One result per call, in order; see [`TaskCall::delay`].
+    ///
+    /// ```no_run
+    /// # use amqp_tasks::{task, Client};
+    /// # #[task] async fn resize(url: String, width: u32) {}
+    /// # async fn example(client: &Client, urls: Vec<String>) {
+    /// let calls = urls.into_iter().map(|url| resize::new(url, 640));
+    /// for sent in client.delay_all(calls).await {
+    ///     if let Err(error) = sent {
+    ///         eprintln!("not sent: {error}");
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn delay_all<T: Task>(
+        &self,
+        calls: impl IntoIterator<Item = TaskCall<T>>,
+    ) -> Vec<Result<TaskId, CallError>> {
+        let origin = sealed::Sealed::origin(self);
+        let outs = calls.into_iter().map(TaskCall::outgoing).collect();
+        send::delay_batch(&origin, outs).await
     }
 }
