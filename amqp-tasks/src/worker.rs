@@ -140,9 +140,10 @@ impl Worker {
         let mut first = true;
         let mut backoff = Backoff::default();
         loop {
+            // Between sessions, tasks of the lost one may still run: drain them too.
             let session = tokio::select! {
                 session = shared.client.session() => session,
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => return drain(&shared, Vec::new()).await,
             };
             let session = match session {
                 Ok(session) => session,
@@ -151,7 +152,7 @@ impl Worker {
                     tracing::warn!(%error, retry_in = ?delay, "cannot reach the broker");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => continue,
-                        () = &mut shutdown => return Ok(()),
+                        () = &mut shutdown => return drain(&shared, Vec::new()).await,
                     }
                 }
             };
@@ -161,8 +162,10 @@ impl Worker {
                 Err(error) => {
                     let delay = backoff.next();
                     tracing::warn!(%error, retry_in = ?delay, "cannot resume consuming");
-                    tokio::time::sleep(delay).await;
-                    continue;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = &mut shutdown => return drain(&shared, Vec::new()).await,
+                    }
                 }
             };
             first = false;
