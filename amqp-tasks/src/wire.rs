@@ -63,6 +63,74 @@
 //! count survives the next crash; past the limit (`--max-redeliveries`, default 5) the message is
 //! dead-lettered as `too_many_redeliveries`. Quorum queues count for themselves
 //! (`x-delivery-count`). Tasks returned to the queue by a graceful shutdown count too.
+//!
+//! # Speaking with aio-pika's `JsonRPC`
+//!
+//! Python services on aio-pika's `patterns.JsonRPC` and amqp-tasks call each other both ways,
+//! verified against aio-pika 10.2.1 (`tests/tests/python.rs`). A JSON task is an aio-pika call
+//! and an aio-pika call is a JSON task; replies have the same shape on both sides.
+//!
+//! | | aio-pika `JsonRPC.call` sends | amqp-tasks `.call()` sends |
+//! |---|---|---|
+//! | exchange, routing key | `""`, the method name | `""`, the task queue |
+//! | `mandatory` | yes | yes |
+//! | `content_type` | `application/json` | `application/json` with `codec = "json"` (bincode by default) |
+//! | `type` | `call` | `call` |
+//! | `correlation_id` | a UUID | a number, unique per connection |
+//! | `reply_to` | its result queue | its reply queue |
+//! | `message_id` | random hex (the task id here) | the task id |
+//! | `delivery_mode` | `1` | `1` |
+//! | `expiration` | only when `expiration=` is given (seconds there) | milliseconds until the deadline |
+//! | `priority` | `5` (or `priority=`) | not set |
+//! | headers | `From` = its result queue | those above; aio-pika ignores them |
+//! | body | the kwargs as a JSON object | the arguments as a JSON object keyed by name |
+//!
+//! Both answer with the request's `correlation_id`, `content_type` `application/json` and `type`
+//! `result` (body: the value) or `error`. An error body is `{"error": {"type", "message",
+//! "args"}}` from aio-pika (`type` the exception's class, `message` its `repr`, `args` its
+//! arguments) and the same plus `kind` and `value` from a worker here.
+//!
+//! **Python calls a task** (`await rpc.call("add", kwargs={"a": 1, "b": 2})`): the worker runs
+//! the only task of the queue (aio-pika sends no `task` header), checks the JSON arguments by name
+//! and answers. `rpc.call` returns the value, or raises `JsonRPCError("RPC exception", body)` for
+//! an error reply: a task's own error (`kind` `task`, `type` its Rust type, `value` the error), bad
+//! arguments (`kind` `bad_payload`, the message names the argument), a panic, and so on; `type`
+//! is empty for these framework errors, read `kind`. A call to a queue that does not exist is
+//! returned (`mandatory`) and raises `MessageProcessError` at once.
+//!
+//! **Rust calls a Python function** registered with `JsonRPC.register("multiply", multiply)`
+//! through a declaration-only stub, `#[task(name = "multiply", codec = "json")] async fn
+//! multiply(x: i64, y: i64) -> i64;`. aio-pika calls `multiply(**body)` and answers; a Python
+//! exception is [`CallError::Remote`](crate::CallError::Remote) with `kind` = its class name and
+//! `message` = its `repr`. An error body that also has `"kind": "task"` and a `value` (a
+//! `JsonRPC` subclass can add them in `serialize_exception`) is the stub's typed
+//! [`CallError::Task`](crate::CallError::Task). The client declares no queue but its own reply
+//! queue, so aio-pika's queues (declared with `x-dead-letter-exchange` = `rpc.dlx`) and its
+//! `rpc.dlx` exchange are never declared with other arguments; with no function registered, the
+//! call is a [`NoRoute`](crate::CallError::NoRoute) error at once.
+//!
+//! What does not match:
+//!
+//! - **Expired calls in a task queue.** aio-pika declares its queues with `rpc.dlx` as dead-letter
+//!   exchange, which brings an expired call back to its caller (by the `From` header) as
+//!   `asyncio.TimeoutError`. Task queues have no dead-letter exchange (their arguments are
+//!   frozen), so a Python call with `expiration=` that expires before a worker takes it is
+//!   dropped, and `rpc.call` waits on: bound it with `asyncio.wait_for`, or give the task queues
+//!   aio-pika's behaviour with a policy, which changes no queue argument:
+//!   `rabbitmqctl set_policy rpc-dlx '^myapp\.' '{"dead-letter-exchange": "rpc.dlx"}' --apply-to
+//!   queues`. (A Rust call needs neither: its own deadline ends it with
+//!   [`Timeout`](crate::CallError::Timeout), whatever happens to the message.)
+//! - **Priorities** are ignored: task queues have no `x-max-priority`.
+//! - **Bincode**, the default codec, is not JSON: aio-pika fails to decode it (a `Remote` decode
+//!   error). Stubs of Python functions use `codec = "json"`.
+//! - **Several tasks in one queue** (`queue = "..."`) cannot be told apart without the `task`
+//!   header, which aio-pika does not send: such a call is answered `unknown_task`.
+//! - **`JsonRPC.initialize(exchange=...)`** routes calls through a named exchange with routing key
+//!   `<exchange>::<method>`; task queues are reached through the default exchange only.
+//! - **The pickle-based `patterns.RPC`** is not compatible: a worker refuses
+//!   `application/python-pickle` (answered `unsupported_content_type` and dead-lettered; aio-pika
+//!   then fails to unpickle the JSON answer and raises `UnpicklingError`), and amqp-tasks does not
+//!   write pickles.
 
 use crate::codec::{Codec, CodecError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};

@@ -13,7 +13,7 @@
 //!   flight finish within the grace period, every ack is sent, then `serve` returns.
 
 pub(crate) mod acker;
-mod cli;
+pub(crate) mod cli;
 pub mod dead_letters;
 mod process;
 

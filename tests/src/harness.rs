@@ -414,3 +414,44 @@ pub fn close_connections(marker: &str) -> usize {
     }
     pids.len()
 }
+
+/// Runs a command to completion (killed after [`PATIENCE`]) with extra environment variables:
+/// (exit code, stdout, stderr).
+pub async fn run_command(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+    let pid = child.id();
+    let waited = tokio::time::timeout(
+        PATIENCE,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await;
+    let Ok(output) = waited else {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", &pid.to_string()])
+            .status();
+        panic!("{binary} {args:?} did not exit within {PATIENCE:?}");
+    };
+    let output = output
+        .expect("the waiting thread")
+        .unwrap_or_else(|e| panic!("wait for {binary}: {e}"));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

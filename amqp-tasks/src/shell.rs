@@ -1,0 +1,332 @@
+//! The `amqp-tasks` command: call any task from a shell, inspect task queues.
+//!
+//! ```text
+//! amqp-tasks call <task> ['<json args>'] [--delay] [--timeout 5s] [--queue Q]
+//! amqp-tasks queues <task>... [--json]
+//! ```
+//!
+//! Both take `--url` (env `AMQP_URL`, default [`DEFAULT_URL`]) and `--namespace`
+//! (env `AMQP_TASKS_NAMESPACE`). Installed with `cargo install amqp-tasks`; the binary is
+//! `fn main() -> ExitCode { amqp_tasks::shell::main() }`.
+//!
+//! `call` sends the arguments (a JSON object keyed by parameter name, default `{}`) as a
+//! [`DynamicCall`], so the worker checks them against the task's parameters and names any
+//! argument at fault. It prints the result as one line of JSON on stdout, or with `--delay` the
+//! task id once the broker confirmed the message; errors go to stderr. It also calls functions
+//! registered with aio-pika's `JsonRPC` (the task name is the method name).
+//!
+//! `queues` prints, for each task queue (a task's queue is named after the task unless it sets
+//! `queue = "..."`), the messages ready in it, its consumers and the messages in its `.dlq`,
+//! through passive declares (no management plugin needed).
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | the task ran and returned its error ([`CallError::Task`], or an error of another language's service: [`CallError::Remote`]) |
+//! | 2 | usage: bad command line, arguments that are not a JSON object, invalid namespace |
+//! | 3 | timeout: no answer before `--timeout` (with `--delay`: no publisher confirm in time) |
+//! | 4 | the broker could not be reached, or the connection dropped |
+//! | 5 | the call failed in the framework: no queue for the task (`no_route`), unknown task, arguments the worker could not decode, panic, time limit, rejected, undecodable reply; for `queues`: a queue does not exist |
+
+use crate::client::{Client, DEFAULT_URL};
+use crate::dynamic::DynamicCall;
+use crate::error::{CallError, Error};
+use crate::worker::cli::parse_duration;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the task returned its error.
+pub const EXIT_TASK_ERROR: u8 = 1;
+/// Exit code: bad command line or arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: no answer (or confirm) in time.
+pub const EXIT_TIMEOUT: u8 = 3;
+/// Exit code: the broker could not be reached or the connection dropped.
+pub const EXIT_CONNECTION: u8 = 4;
+/// Exit code: the framework refused or failed the call (no route, bad payload, ...).
+pub const EXIT_FAILED: u8 = 5;
+
+/// Calls amqp-tasks tasks (and aio-pika JsonRPC functions) from a shell.
+#[derive(Parser, Debug)]
+#[command(
+    name = "amqp-tasks",
+    version,
+    about = "Calls amqp-tasks tasks (and aio-pika JsonRPC functions) from a shell",
+    after_help = "Exit codes: 0 ok, 1 the task returned an error, 2 usage, 3 timeout, \
+                  4 broker unreachable or connection lost, 5 other failure (no queue for the task, \
+                  bad arguments, unknown task, panic, ...; for `queues`: a queue does not exist)."
+)]
+struct Cli {
+    /// Broker URL (amqp://user:password@host:port/vhost).
+    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_URL, hide_default_value = true, hide_env_values = true)]
+    url: String,
+    /// Prefix of every queue name (`<namespace>.<queue>`).
+    #[arg(long, global = true, env = "AMQP_TASKS_NAMESPACE", default_value = "")]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Call a task and print its JSON result (or, with --delay, its task id).
+    Call {
+        /// The task name (for aio-pika JsonRPC: the method name).
+        task: String,
+        /// The arguments: a JSON object keyed by parameter name.
+        #[arg(default_value = "{}")]
+        args: String,
+        /// Fire and forget: print the task id once the broker confirmed the message.
+        #[arg(long)]
+        delay: bool,
+        /// How long to wait for the answer (with --delay: for the broker's confirm)
+        /// [default: 61s for a call, 30s for a confirm].
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// The task's queue, when it is not named after the task (`#[task(queue = "...")]`).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Print each task queue's ready messages, consumers and dead letters.
+    Queues {
+        /// Task names (or the queue names of tasks grouped with `queue = "..."`).
+        #[arg(required = true)]
+        tasks: Vec<String>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the `amqp-tasks` command line; see the [module documentation](self) for the commands
+/// and the exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("amqp-tasks: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    // lapin's I/O thread ends with its connection; do not wait on anything else left behind.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> u8 {
+    let mut builder = Client::builder(cli.url.clone()).namespace(cli.namespace.clone());
+    let arguments = match &cli.command {
+        Command::Call {
+            args,
+            delay,
+            timeout,
+            ..
+        } => {
+            if let (true, Some(timeout)) = (delay, timeout) {
+                builder = builder.confirm_timeout(*timeout);
+            }
+            match parse_arguments(args) {
+                Ok(arguments) => Some(arguments),
+                Err(message) => {
+                    eprintln!("amqp-tasks: {message}");
+                    return EXIT_USAGE;
+                }
+            }
+        }
+        Command::Queues { .. } => None,
+    };
+    let client = match builder.connect().await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("amqp-tasks: {error}");
+            return match error {
+                Error::Config(_) => EXIT_USAGE,
+                _ => EXIT_CONNECTION,
+            };
+        }
+    };
+    let code = match cli.command {
+        Command::Call {
+            task,
+            delay,
+            timeout,
+            queue,
+            ..
+        } => {
+            let mut call = DynamicCall::new(task, arguments.unwrap_or_default());
+            if let Some(queue) = queue {
+                call = call.queue(queue);
+            }
+            if delay {
+                report(call.delay(&client).await.map(|id| id.to_string()))
+            } else {
+                if let Some(timeout) = timeout {
+                    call = call.timeout(timeout);
+                }
+                report(call.call(&client).await.map(|value| value.to_string()))
+            }
+        }
+        Command::Queues { tasks, json } => queues(&client, &tasks, json).await,
+    };
+    client.close().await;
+    code
+}
+
+fn parse_arguments(text: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str(text) {
+        Ok(object @ serde_json::Value::Object(_)) => Ok(object),
+        Ok(_) => Err(format!(
+            "the arguments must be a JSON object keyed by parameter name, like '{{\"a\": 1}}', not `{text}`"
+        )),
+        Err(error) => Err(format!(
+            "the arguments are not valid JSON ({error}): `{text}`"
+        )),
+    }
+}
+
+/// Prints the outcome and returns the exit code.
+fn report<E: serde::Serialize + std::fmt::Display>(outcome: Result<String, CallError<E>>) -> u8 {
+    let error = match outcome {
+        Ok(text) => {
+            println!("{text}");
+            return EXIT_OK;
+        }
+        Err(error) => error,
+    };
+    let code = exit_code(&error);
+    match &error {
+        CallError::Task(value) => eprintln!(
+            "amqp-tasks: the task failed: {}",
+            serde_json::to_string(value).unwrap_or_default()
+        ),
+        CallError::Remote { kind, message } => {
+            eprintln!("amqp-tasks: the task failed: {kind}: {message}")
+        }
+        other => eprintln!("amqp-tasks: {}: {other}", other.kind()),
+    }
+    code
+}
+
+fn exit_code<E>(error: &CallError<E>) -> u8 {
+    match error {
+        CallError::Task(_) | CallError::Remote { .. } => EXIT_TASK_ERROR,
+        CallError::Timeout => EXIT_TIMEOUT,
+        CallError::ConnectionLost(_) => EXIT_CONNECTION,
+        _ => EXIT_FAILED,
+    }
+}
+
+async fn queues(client: &Client, tasks: &[String], json: bool) -> u8 {
+    let mut rows = Vec::new();
+    let mut code = EXIT_OK;
+    for task in tasks {
+        match client.queue_status(task).await {
+            Ok(status) => {
+                if status.is_none() {
+                    code = EXIT_FAILED;
+                }
+                rows.push((client.queue_name(task), status));
+            }
+            Err(error) => {
+                eprintln!("amqp-tasks: {error}");
+                return match error {
+                    Error::Connect { .. } => EXIT_CONNECTION,
+                    _ => EXIT_FAILED,
+                };
+            }
+        }
+    }
+    if json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(queue, status)| match status {
+                Some(s) => serde_json::json!({"queue": queue, "exists": true, "ready": s.ready,
+                    "consumers": s.consumers, "dead_letters": s.dead_letters}),
+                None => serde_json::json!({"queue": queue, "exists": false}),
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        let width = rows
+            .iter()
+            .map(|(queue, _)| queue.len())
+            .max()
+            .unwrap_or(0)
+            .max("QUEUE".len());
+        println!(
+            "{:<width$}  {:>9}  {:>9}  {:>12}",
+            "QUEUE", "READY", "CONSUMERS", "DEAD LETTERS"
+        );
+        for (queue, status) in &rows {
+            match status {
+                Some(s) => println!(
+                    "{queue:<width$}  {:>9}  {:>9}  {:>12}",
+                    s.ready,
+                    s.consumers,
+                    s.dead_letters
+                        .map_or_else(|| "-".to_owned(), |n| n.to_string())
+                ),
+                None => println!("{queue:<width$}  (no such queue)"),
+            }
+        }
+    }
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn arguments_must_be_a_json_object() {
+        assert_eq!(
+            parse_arguments(r#"{"a": 1}"#),
+            Ok(serde_json::json!({"a": 1}))
+        );
+        assert!(
+            parse_arguments("[1, 2]")
+                .unwrap_err()
+                .contains("JSON object")
+        );
+        assert!(
+            parse_arguments("{a: 1}")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+    }
+
+    #[test]
+    fn exit_codes_tell_failures_apart() {
+        let codes: Vec<u8> = [
+            CallError::Task(serde_json::json!("ByZero")),
+            CallError::Remote {
+                kind: "ValueError".into(),
+                message: "ValueError('x')".into(),
+            },
+            CallError::Timeout,
+            CallError::ConnectionLost("gone".into()),
+            CallError::NoRoute { queue: "q".into() },
+            CallError::BadPayload("json: missing argument `b`".into()),
+        ]
+        .iter()
+        .map(exit_code)
+        .collect();
+        assert_eq!(codes, [1, 1, 3, 4, 5, 5]);
+    }
+}
