@@ -7,6 +7,26 @@ use crate::send::{self, Outgoing};
 use crate::task::{Caller, TaskId};
 use std::time::{Duration, SystemTime};
 
+/// A task's own error, as a [`DynamicCall`] receives it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskFailure {
+    /// The error's type name (`DivError`).
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// Its message (`division by zero`).
+    pub message: String,
+    /// The error value as JSON (`"ByZero"`).
+    pub value: serde_json::Value,
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} ({})", self.type_name, self.message, self.value)
+    }
+}
+
+impl std::error::Error for TaskFailure {}
+
 /// A call of the task `name` with a JSON object of arguments keyed by parameter name.
 ///
 /// It sends no signature fingerprint, so none is checked; the worker checks the JSON keys and
@@ -76,17 +96,23 @@ impl DynamicCall {
     }
 
     /// Sends the task and awaits its JSON result; a task error arrives as
-    /// [`CallError::Task`] with the error's JSON value (or [`CallError::Remote`] from a sender
-    /// that gives none).
+    /// [`CallError::Task`] with its type, message and JSON value (or as [`CallError::Remote`]
+    /// from a sender that gives no value).
     pub async fn call(
         self,
         caller: &impl Caller,
-    ) -> Result<serde_json::Value, CallError<serde_json::Value>> {
+    ) -> Result<serde_json::Value, CallError<TaskFailure>> {
         let origin = caller.origin();
         let queue = self.queue.clone().unwrap_or_else(|| self.name.clone());
         let out = self.outgoing(&queue).map_err(CallError::widen)?;
         let reply = send::call(&origin, out).await.map_err(CallError::widen)?;
-        send::decode_reply(reply, Codec::Json)
+        send::decode_reply_with(reply, Codec::Json, |value, type_name, message| {
+            TaskFailure {
+                type_name,
+                message,
+                value,
+            }
+        })
     }
 
     fn outgoing<'a>(&'a self, queue: &'a str) -> Result<Outgoing<'a>, CallError> {

@@ -155,7 +155,7 @@ pub use amqp_tasks_macros::task;
 pub use client::{Client, ClientBuilder, DEFAULT_URL};
 pub use codec::{Codec, CodecError};
 pub use context::Context;
-pub use dynamic::DynamicCall;
+pub use dynamic::{DynamicCall, TaskFailure};
 pub use error::{CallError, Error, Never};
 pub use handler::Retryable;
 pub use inspect::QueueStatus;

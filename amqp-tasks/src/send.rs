@@ -174,6 +174,15 @@ pub(crate) fn decode_reply<O: DeserializeOwned, E: DeserializeOwned>(
     reply: Reply,
     request_codec: Codec,
 ) -> Result<O, CallError<E>> {
+    decode_reply_with(reply, request_codec, |value: E, _, _| value)
+}
+
+/// [`decode_reply`], building the task error from its value, type name and message.
+pub(crate) fn decode_reply_with<O: DeserializeOwned, V: DeserializeOwned, E>(
+    reply: Reply,
+    request_codec: Codec,
+    task_error: impl FnOnce(V, String, String) -> E,
+) -> Result<O, CallError<E>> {
     let codec = reply
         .content_type
         .as_deref()
@@ -181,9 +190,9 @@ pub(crate) fn decode_reply<O: DeserializeOwned, E: DeserializeOwned>(
         .unwrap_or(request_codec);
     match reply.kind.as_deref() {
         Some(wire::TYPE_ERROR) => {
-            let error = wire::decode_error::<E>(codec, &reply.body)
+            let error = wire::decode_error::<V>(codec, &reply.body)
                 .map_err(|e| CallError::BadReply(format!("error reply: {e}")))?;
-            Err(into_call_error(error))
+            Err(into_call_error(error, task_error))
         }
         _ => codec
             .decode::<O>(&reply.body)
@@ -191,11 +200,14 @@ pub(crate) fn decode_reply<O: DeserializeOwned, E: DeserializeOwned>(
     }
 }
 
-fn into_call_error<E>(error: wire::ReceivedError<E>) -> CallError<E> {
+fn into_call_error<V, E>(
+    error: wire::ReceivedError<V>,
+    task_error: impl FnOnce(V, String, String) -> E,
+) -> CallError<E> {
     let message = error.message;
     match error.kind.as_deref().and_then(ErrorKind::parse) {
         Some(ErrorKind::Task) => match error.value {
-            Some(value) => CallError::Task(value),
+            Some(value) => CallError::Task(task_error(value, error.type_name, message)),
             None => CallError::Remote {
                 kind: error.type_name,
                 message,

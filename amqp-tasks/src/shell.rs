@@ -205,10 +205,7 @@ fn report<E: serde::Serialize + std::fmt::Display>(outcome: Result<String, CallE
     };
     let code = exit_code(&error);
     match &error {
-        CallError::Task(value) => eprintln!(
-            "amqp-tasks: the task failed: {}",
-            serde_json::to_string(value).unwrap_or_default()
-        ),
+        CallError::Task(failure) => eprintln!("amqp-tasks: the task failed: {failure}"),
         CallError::Remote { kind, message } => {
             eprintln!("amqp-tasks: the task failed: {kind}: {message}")
         }

@@ -94,8 +94,9 @@
 //! the only task of the queue (aio-pika sends no `task` header), checks the JSON arguments by name
 //! and answers. `rpc.call` returns the value, or raises `JsonRPCError("RPC exception", body)` for
 //! an error reply: a task's own error (`kind` `task`, `type` its Rust type, `value` the error), bad
-//! arguments (`kind` `bad_payload`, the message names the argument), a panic, and so on; `type`
-//! is empty for these framework errors, read `kind`. A call to a queue that does not exist is
+//! arguments (`kind` `bad_payload`, the message names the argument), a panic, and so on; for
+//! these framework errors `type` is the kind in CamelCase (`BadPayload`, `Panicked`, ...). A call
+//! to a queue that does not exist is
 //! returned (`mandatory`) and raises `MessageProcessError` at once.
 //!
 //! **Rust calls a Python function** registered with `JsonRPC.register("multiply", multiply)`
@@ -227,6 +228,19 @@ impl ErrorKind {
             ErrorKind::BadResult => "bad_result",
             ErrorKind::TooManyRedeliveries => "too_many_redeliveries",
         }
+    }
+
+    /// The name as an exception type, for an error reply's `type`: `bad_payload` → `BadPayload`.
+    pub fn type_name(self) -> String {
+        self.as_str()
+            .split('_')
+            .map(|word| {
+                let mut chars = word.chars();
+                chars.next().map_or_else(String::new, |first| {
+                    first.to_ascii_uppercase().to_string() + chars.as_str()
+                })
+            })
+            .collect()
     }
 
     /// The kind of a wire name.
@@ -599,7 +613,9 @@ mod tests {
             "too_many_redeliveries",
         ] {
             assert_eq!(ErrorKind::parse(name).unwrap().as_str(), name);
+            assert!(!ErrorKind::parse(name).unwrap().type_name().contains('_'));
         }
         assert_eq!(ErrorKind::parse("nope"), None);
+        assert_eq!(ErrorKind::BadPayload.type_name(), "BadPayload");
     }
 }

@@ -184,6 +184,7 @@ async fn python_json_rpc_calls_rust_tasks() {
 
         let missing = rpc_error(&outcomes[3]);
         assert_eq!(missing["kind"], "bad_payload");
+        assert_eq!(missing["type"], "BadPayload", "a Python-style exception type");
         assert!(
             missing["message"].as_str().unwrap().contains("missing argument `b`"),
             "{missing}"

@@ -447,9 +447,15 @@ async fn a_batch_of_delays_is_confirmed_message_by_message() {
         let _worker = env.worker(WORKER, &["--tasks", "record"]).ready().await;
         let client = env.client().await;
         let path = env.path("batch");
-        let sent = client.delay_all((0..500).map(|n| record::new(path.clone(), n))).await;
+        let sent = client
+            .delay_all((0..500).map(|n| record::new(path.clone(), n)))
+            .await;
         assert_eq!(sent.len(), 500);
-        assert!(sent.iter().all(Result::is_ok), "{:?}", sent.iter().find(|r| r.is_err()));
+        assert!(
+            sent.iter().all(Result::is_ok),
+            "{:?}",
+            sent.iter().find(|r| r.is_err())
+        );
         let ids: std::collections::BTreeSet<_> = sent.into_iter().map(Result::unwrap).collect();
         assert_eq!(ids.len(), 500, "one task id each");
         amqp_tasks_tests::harness::eventually("the batch to run", PATIENCE, || {
@@ -459,7 +465,11 @@ async fn a_batch_of_delays_is_confirmed_message_by_message() {
         .await;
         // Each message is confirmed on its own: a batch to nowhere fails message by message.
         let lost = client.delay_all((0..3).map(orphan::new)).await;
-        assert!(lost.iter().all(|r| matches!(r, Err(CallError::NoRoute { .. }))), "{lost:?}");
+        assert!(
+            lost.iter()
+                .all(|r| matches!(r, Err(CallError::NoRoute { .. }))),
+            "{lost:?}"
+        );
     })
     .await;
 }

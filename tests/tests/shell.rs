@@ -36,11 +36,14 @@ async fn shell_call_prints_results_and_tells_failures_apart() {
         let (code, stdout, stderr) = shell(&env, &["call", "add", r#"{"a": 20, "b": 22}"#]).await;
         assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "42\n", ""));
 
-        // 1: the task's own error, as its JSON value.
+        // 1: the task's own error: its type, message and JSON value.
         let (code, stdout, stderr) =
             shell(&env, &["call", "math.div", r#"{"a": 1, "b": 0}"#]).await;
         assert_eq!((code, stdout.as_str()), (1, ""), "{stderr}");
-        assert!(stderr.contains("\"ByZero\""), "{stderr}");
+        assert!(
+            stderr.contains("DivError: division by zero (\"ByZero\")"),
+            "{stderr}"
+        );
 
         // 2: usage, before anything is sent.
         for bad in ["{a: 1}", "[1, 2]"] {

@@ -40,7 +40,7 @@ enum Verdict {
 
 impl Verdict {
     fn failure(codec: Codec, kind: ErrorKind, message: String, dead_letter: bool) -> Verdict {
-        let reply = ErrorReply::new(kind, "", message.clone(), None::<()>);
+        let reply = ErrorReply::new(kind, &kind.type_name(), message.clone(), None::<()>);
         let body = codec
             .encode(&reply)
             .or_else(|_| Codec::Json.encode(&reply))
