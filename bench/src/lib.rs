@@ -7,6 +7,7 @@
 //! [`raw::worker_main`].
 
 pub mod chart;
+pub mod cpu;
 pub mod procs;
 pub mod raw;
 pub mod scenarios;

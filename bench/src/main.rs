@@ -5,7 +5,7 @@
 //! `scale` or `all`; `--smoke` for a quick check that it still works (tiny N, one repetition, no
 //! targets). See BENCHMARKS.md.
 
-use amqp_tasks_bench::raw::{self, Dispatch};
+use amqp_tasks_bench::raw::{self, Dispatch, Wire};
 use amqp_tasks_bench::scenarios::{self, Only, Options, Scenario};
 use amqp_tasks_bench::{ROLE_ENV, chart};
 use clap::Parser;
@@ -41,6 +41,10 @@ struct Cli {
     /// How the raw worker runs a delivery: a task each (as amqp-tasks does) or inline.
     #[arg(long, value_enum, default_value_t = Dispatch::Spawn)]
     raw_dispatch: Dispatch,
+    /// What the raw side sends besides the body: what it needs (minimal), or amqp-tasks'
+    /// properties and headers too (framework), to tell the wire format's cost from the code's.
+    #[arg(long, value_enum, default_value_t = Wire::Minimal)]
+    raw_wire: Wire,
     /// Run one side only (for profiling it).
     #[arg(long, value_enum)]
     only: Option<Only>,
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         concurrency: cli.concurrency.max(1),
         prefetch: cli.prefetch.max(1),
         dispatch: cli.raw_dispatch,
+        wire: cli.raw_wire,
         only: cli.only,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -47,6 +47,8 @@ pub struct WorkerConfig {
     pub prefetch: u16,
     /// How the raw worker runs deliveries.
     pub dispatch: crate::raw::Dispatch,
+    /// What the raw side puts in messages.
+    pub wire: crate::raw::Wire,
     /// Where worker logs go.
     pub log_dir: PathBuf,
 }
@@ -128,7 +130,8 @@ impl WorkerGroup {
                         .env(ROLE_ENV, "raw-worker")
                         .env("AMQP_TASKS_BENCH_NAMESPACE", &config.namespace)
                         .env("AMQP_TASKS_BENCH_PREFETCH", config.prefetch.to_string())
-                        .env("AMQP_TASKS_BENCH_DISPATCH", config.dispatch.as_str());
+                        .env("AMQP_TASKS_BENCH_DISPATCH", config.dispatch.as_str())
+                        .env("AMQP_TASKS_BENCH_WIRE", config.wire.as_str());
                 }
             }
             let mut child = command.spawn()?;

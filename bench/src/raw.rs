@@ -51,6 +51,77 @@ impl Dispatch {
     }
 }
 
+/// What the raw side puts in a message besides the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// What a raw lapin program needs: `delivery_mode`, `content_type`, `message_id` (plus
+    /// `reply_to`, `correlation_id` and `expiration` on requests).
+    Minimal,
+    /// Also amqp-tasks' properties and headers, same keys, types and sizes (`type`, task name,
+    /// wire version, signature, attempt, root id, traceparent, deadline on requests; `type` and
+    /// `message_id` on replies): separates the cost of the wire format from the cost of the code.
+    Framework,
+}
+
+impl Wire {
+    /// The name used on the command line and in the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wire::Minimal => "minimal",
+            Wire::Framework => "framework",
+        }
+    }
+
+    /// Adds what this wire format adds to a task message.
+    fn dress(
+        self,
+        properties: BasicProperties,
+        task: &str,
+        deadline_ms: Option<u64>,
+    ) -> BasicProperties {
+        if self == Wire::Minimal {
+            return properties;
+        }
+        use amqp_tasks::wire::header;
+        let id = properties
+            .message_id()
+            .as_ref()
+            .map_or_else(String::new, |id| id.as_str().to_owned());
+        let mut headers = FieldTable::default();
+        let mut text = |key: &str, value: String| {
+            headers.insert(key.into(), AMQPValue::LongString(value.into()));
+        };
+        text(header::TASK, task.to_owned());
+        text(header::SIGNATURE, "0123456789abcdef".to_owned());
+        text(header::ROOT_ID, id);
+        text(
+            header::TRACEPARENT,
+            format!(
+                "00-{}-{}-01",
+                uuid::Uuid::new_v4().simple(),
+                &uuid::Uuid::new_v4().simple().to_string()[..16]
+            ),
+        );
+        headers.insert(header::WIRE.into(), AMQPValue::LongLongInt(1));
+        headers.insert(header::ATTEMPT.into(), AMQPValue::LongLongInt(1));
+        if let Some(deadline) = deadline_ms {
+            headers.insert(
+                header::DEADLINE.into(),
+                AMQPValue::LongLongInt(deadline as i64),
+            );
+        }
+        properties
+            .with_type(amqp_tasks::wire::TYPE_CALL.into())
+            .with_headers(headers)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The raw queue of the `delay` task in a namespace.
 pub fn sink_queue(namespace: &str) -> String {
     format!("{namespace}.raw.sink")
@@ -96,11 +167,12 @@ pub struct RawClient {
     reply_queue: String,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
     next_correlation: AtomicU64,
+    wire: Wire,
 }
 
 impl RawClient {
     /// Connects, opens the publisher channel and the reply queue and its consumer.
-    pub async fn connect(url: &str, namespace: &str) -> Res<RawClient> {
+    pub async fn connect(url: &str, namespace: &str, wire: Wire) -> Res<RawClient> {
         let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         let publisher = connection.create_channel().await?;
         publisher
@@ -151,6 +223,7 @@ impl RawClient {
             reply_queue,
             pending,
             next_correlation: AtomicU64::new(1),
+            wire,
         })
     }
 
@@ -175,6 +248,7 @@ impl RawClient {
                 .with_delivery_mode(2)
                 .with_content_type(CONTENT_TYPE.into())
                 .with_message_id(uuid::Uuid::new_v4().to_string().into());
+            let properties = self.wire.dress(properties, "bench.sink", None);
             let confirm = self
                 .publisher
                 .basic_publish(
@@ -210,6 +284,8 @@ impl RawClient {
                 .with_expiration(timeout.as_millis().to_string().into())
                 .with_reply_to(self.reply_queue.as_str().into())
                 .with_correlation_id(correlation.to_string().into());
+            let deadline = unix_ms() + timeout.as_millis() as u64;
+            let properties = self.wire.dress(properties, "bench.echo", Some(deadline));
             let confirm = self
                 .publisher
                 .basic_publish(
@@ -272,11 +348,15 @@ pub fn worker_main() -> std::process::ExitCode {
         Ok("inline") => Dispatch::Inline,
         _ => Dispatch::Spawn,
     };
+    let wire = match std::env::var("AMQP_TASKS_BENCH_WIRE").as_deref() {
+        Ok("framework") => Wire::Framework,
+        _ => Wire::Minimal,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let result = runtime.block_on(serve(&url, &namespace, prefetch, dispatch));
+    let result = runtime.block_on(serve(&url, &namespace, prefetch, dispatch, wire));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -293,7 +373,13 @@ enum Job {
     Echo,
 }
 
-async fn serve(url: &str, namespace: &str, prefetch: u16, dispatch: Dispatch) -> Res<()> {
+async fn serve(
+    url: &str,
+    namespace: &str,
+    prefetch: u16,
+    dispatch: Dispatch,
+    wire: Wire,
+) -> Res<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
@@ -323,10 +409,10 @@ async fn serve(url: &str, namespace: &str, prefetch: u16, dispatch: Dispatch) ->
             .await?;
         let acks = spawn_acker(channel.clone());
         consumers.push(tokio::spawn(consume(
-            channel, consumer, acks, job, dispatch,
+            channel, consumer, acks, job, dispatch, wire,
         )));
     }
-    eprintln!("raw worker ready (prefetch {prefetch}, dispatch {dispatch:?})");
+    eprintln!("raw worker ready (prefetch {prefetch}, dispatch {dispatch:?}, wire {wire:?})");
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -341,18 +427,19 @@ async fn consume(
     acks: mpsc::UnboundedSender<u64>,
     job: Job,
     dispatch: Dispatch,
+    wire: Wire,
 ) {
     while let Some(Ok(delivery)) = next(&mut consumer).await {
         match dispatch {
             Dispatch::Inline => {
-                handle(&channel, &delivery, job).await;
+                handle(&channel, &delivery, job, wire).await;
                 let _ = acks.send(delivery.delivery_tag);
             }
             Dispatch::Spawn => {
                 let channel = channel.clone();
                 let acks = acks.clone();
                 tokio::spawn(async move {
-                    handle(&channel, &delivery, job).await;
+                    handle(&channel, &delivery, job, wire).await;
                     let _ = acks.send(delivery.delivery_tag);
                 });
             }
@@ -360,7 +447,7 @@ async fn consume(
     }
 }
 
-async fn handle(channel: &Channel, delivery: &lapin::message::Delivery, job: Job) {
+async fn handle(channel: &Channel, delivery: &lapin::message::Delivery, job: Job, wire: Wire) {
     let payload = match decode_args(&delivery.data) {
         Ok(payload) => payload,
         Err(error) => {
@@ -385,6 +472,12 @@ async fn handle(channel: &Channel, delivery: &lapin::message::Delivery, job: Job
                 .with_content_type(CONTENT_TYPE.into());
             if let Some(correlation) = delivery.properties.correlation_id() {
                 properties = properties.with_correlation_id(correlation.clone());
+            }
+            if wire == Wire::Framework {
+                properties = properties.with_type(amqp_tasks::wire::TYPE_RESULT.into());
+                if let Some(id) = delivery.properties.message_id() {
+                    properties = properties.with_message_id(id.clone());
+                }
             }
             if let Err(error) = channel
                 .basic_publish(

@@ -3,8 +3,9 @@
 //! of its own that is deleted afterwards.
 
 use crate::chart::{Bar, Panel};
+use crate::cpu::{self, PerTask};
 use crate::procs::{self, Side, WorkerConfig, WorkerGroup};
-use crate::raw::{self, Dispatch, RawClient};
+use crate::raw::{self, Dispatch, RawClient, Wire};
 use crate::stats::{Better, Report, Stat, percentile_us};
 use crate::tasks::{echo, sink};
 use crate::{Error, Res};
@@ -77,6 +78,8 @@ pub struct Options {
     pub prefetch: u16,
     /// How the raw worker runs deliveries.
     pub dispatch: Dispatch,
+    /// What the raw side puts in messages.
+    pub wire: Wire,
     /// Run one side only (for profiling); no ratios then.
     pub only: Option<Only>,
 }
@@ -110,6 +113,7 @@ pub async fn run(options: &Options, scenarios: &[Scenario]) -> Res<Outcome> {
             concurrency: options.concurrency,
             prefetch: options.prefetch,
             dispatch: options.dispatch,
+            wire: options.wire,
             log_dir: log_dir.clone(),
         };
         println!(
@@ -119,6 +123,7 @@ pub async fn run(options: &Options, scenarios: &[Scenario]) -> Res<Outcome> {
         let bench = Bench {
             options: options.clone(),
             config,
+            broker: cpu::broker_pid(),
         };
         // A task of its own, so that a panic still reaches the clean-up below.
         let result = tokio::spawn(async move { bench.scenario(scenario).await }).await;
@@ -142,6 +147,45 @@ pub async fn run(options: &Options, scenarios: &[Scenario]) -> Res<Outcome> {
 struct Bench {
     options: Options,
     config: WorkerConfig,
+    /// The broker's process, when it runs on this machine: its CPU time is reported.
+    broker: Option<u32>,
+}
+
+/// CPU per task of each repetition of one side.
+#[derive(Default)]
+struct CpuFigures {
+    producer: Vec<f64>,
+    worker: Vec<f64>,
+    broker: Vec<f64>,
+}
+
+impl CpuFigures {
+    fn push(&mut self, per_task: PerTask) {
+        self.producer.push(per_task.producer);
+        self.worker.push(per_task.worker);
+        self.broker.extend(per_task.broker);
+    }
+
+    /// `RESULT` fields, prefixed with the side.
+    fn fields(&self, side: &str) -> Vec<(String, String)> {
+        let mut fields = vec![
+            (
+                format!("{side}_producer_cpu_us_per_task"),
+                format!("{:.1}", Stat::of(&self.producer).median),
+            ),
+            (
+                format!("{side}_worker_cpu_us_per_task"),
+                format!("{:.1}", Stat::of(&self.worker).median),
+            ),
+        ];
+        if !self.broker.is_empty() {
+            fields.push((
+                format!("{side}_broker_cpu_us_per_task"),
+                format!("{:.1}", Stat::of(&self.broker).median),
+            ));
+        }
+        fields
+    }
 }
 
 /// One side's producer.
@@ -225,10 +269,11 @@ impl Bench {
         format!(
             "durable classic queue, publisher confirms, mandatory, 64-byte payload (bincode), \
              prefetch {}, manual acks: contiguous runs with one multiple=true ack (acker task per \
-             channel); framework concurrency {}; raw worker dispatch {}{extra}",
+             channel); framework concurrency {}; raw worker dispatch {}, raw wire format {}{extra}",
             self.options.prefetch,
             self.options.concurrency,
-            self.options.dispatch.as_str()
+            self.options.dispatch.as_str(),
+            self.options.wire.as_str()
         )
     }
 
@@ -257,7 +302,8 @@ impl Bench {
             group
                 .wait_ready(&self.config.url, &ready_queue(self, Side::Raw), limit)
                 .await?;
-            let client = RawClient::connect(&self.config.url, self.namespace()).await?;
+            let client =
+                RawClient::connect(&self.config.url, self.namespace(), self.options.wire).await?;
             sides.raw = Some((group, Arc::new(client)));
         }
         Ok(sides)
@@ -298,7 +344,12 @@ impl Bench {
     }
 
     /// Sends `n` tasks and waits until the workers ran them all; tasks per second.
-    async fn one_delay_round(&self, sides: &Sides, side: Side, n: usize) -> Res<(f64, f64)> {
+    async fn one_delay_round(
+        &self,
+        sides: &Sides,
+        side: Side,
+        n: usize,
+    ) -> Res<(f64, f64, PerTask)> {
         let payload = vec![0xA5u8; PAYLOAD_BYTES];
         let (group, producer) = match side {
             Side::Framework => {
@@ -312,6 +363,8 @@ impl Bench {
         };
         let target = group.total() + n as u64;
         let limit = Duration::from_secs(60) + Duration::from_millis(n as u64);
+        let pids = group.pids();
+        let before = cpu::Sample::take(&pids, self.broker);
         let start = Instant::now();
         match producer {
             Producer::Framework(client) => {
@@ -332,9 +385,11 @@ impl Bench {
         let published = start.elapsed();
         group.wait_total(target, limit).await?;
         let elapsed = start.elapsed();
+        let per_task = cpu::Sample::take(&pids, self.broker).per_task_since(&before, n);
         Ok((
             n as f64 / elapsed.as_secs_f64(),
             n as f64 / published.as_secs_f64(),
+            per_task,
         ))
     }
 
@@ -349,25 +404,30 @@ impl Bench {
         let mut baseline = Vec::new();
         let mut framework_publish = Vec::new();
         let mut baseline_publish = Vec::new();
+        let mut framework_cpu = CpuFigures::default();
+        let mut baseline_cpu = CpuFigures::default();
         for rep in 0..self.reps() {
             let mut line = format!("rep {}:", rep + 1);
             for side in [Side::Framework, Side::Raw] {
                 if !self.wants(side) {
                     continue;
                 }
-                let (rate, publish_rate) = self.one_delay_round(sides, side, n).await?;
+                let (rate, publish_rate, per_task) = self.one_delay_round(sides, side, n).await?;
                 line.push_str(&format!(
-                    "  {} {rate:.0} tasks/s (sending alone {publish_rate:.0}/s)",
-                    side.label()
+                    "\n  {:<10} {rate:>6.0} tasks/s (all confirmed at {publish_rate:.0}/s); {}",
+                    side.label(),
+                    per_task.show()
                 ));
                 match side {
                     Side::Framework => {
                         framework.push(rate);
                         framework_publish.push(publish_rate);
+                        framework_cpu.push(per_task);
                     }
                     Side::Raw => {
                         baseline.push(rate);
                         baseline_publish.push(publish_rate);
+                        baseline_cpu.push(per_task);
                     }
                 }
             }
@@ -377,6 +437,22 @@ impl Bench {
             || sides.raw.as_ref().map_or(0, |s| s.0.pids().len()),
             |s| s.0.pids().len(),
         );
+        let mut extra = vec![
+            ("n".into(), n.to_string()),
+            ("reps".into(), self.reps().to_string()),
+            ("workers".into(), workers.to_string()),
+            ("window".into(), self.options.window.to_string()),
+            (
+                "framework_send_rate".into(),
+                crate::stats::number(Stat::of(&framework_publish).median),
+            ),
+            (
+                "baseline_send_rate".into(),
+                crate::stats::number(Stat::of(&baseline_publish).median),
+            ),
+        ];
+        extra.extend(framework_cpu.fields("framework"));
+        extra.extend(baseline_cpu.fields("baseline"));
         let report = Report {
             scenario: name.to_owned(),
             metric: format!("end-to-end tasks/s ({n} tasks, {workers} worker process(es) per side)"),
@@ -385,20 +461,7 @@ impl Bench {
             framework: Stat::of(&framework),
             baseline: Stat::of(&baseline),
             paired_ratio: paired(&framework, &baseline),
-            extra: vec![
-                ("n".into(), n.to_string()),
-                ("reps".into(), self.reps().to_string()),
-                ("workers".into(), workers.to_string()),
-                ("window".into(), self.options.window.to_string()),
-                (
-                    "framework_send_rate".into(),
-                    crate::stats::number(Stat::of(&framework_publish).median),
-                ),
-                (
-                    "baseline_send_rate".into(),
-                    crate::stats::number(Stat::of(&baseline_publish).median),
-                ),
-            ],
+            extra,
             verdict: None,
             settings: self.settings(&format!(
                 "; persistent (delivery_mode 2); {} confirms in flight; end = the worker(s) reported \
@@ -431,9 +494,14 @@ impl Bench {
         side: Side,
         in_flight: usize,
         n: usize,
-    ) -> Res<(f64, Vec<std::time::Duration>)> {
+    ) -> Res<(f64, Vec<std::time::Duration>, PerTask)> {
         let payload = vec![0xA5u8; PAYLOAD_BYTES];
         let mut loops = JoinSet::new();
+        let pids = match side {
+            Side::Framework => sides.framework.as_ref().expect("framework").0.pids(),
+            Side::Raw => sides.raw.as_ref().expect("raw").0.pids(),
+        };
+        let before = cpu::Sample::take(&pids, self.broker);
         let start = Instant::now();
         for index in 0..in_flight {
             let count = n / in_flight + usize::from(index < n % in_flight);
@@ -473,8 +541,9 @@ impl Bench {
             latencies.extend(result??);
         }
         let elapsed = start.elapsed();
+        let per_task = cpu::Sample::take(&pids, self.broker).per_task_since(&before, n);
         latencies.sort();
-        Ok((n as f64 / elapsed.as_secs_f64(), latencies))
+        Ok((n as f64 / elapsed.as_secs_f64(), latencies, per_task))
     }
 
     async fn call_reps(
@@ -495,6 +564,7 @@ impl Bench {
             rate: Vec<f64>,
             p50: Vec<f64>,
             p99: Vec<f64>,
+            cpu: CpuFigures,
         }
         let mut framework = Figures::default();
         let mut baseline = Figures::default();
@@ -504,14 +574,16 @@ impl Bench {
                 if !self.wants(side) {
                     continue;
                 }
-                let (rate, latencies) = self.one_call_round(sides, side, in_flight, n).await?;
+                let (rate, latencies, per_task) =
+                    self.one_call_round(sides, side, in_flight, n).await?;
                 let (p50, p99) = (
                     percentile_us(&latencies, 50.0),
                     percentile_us(&latencies, 99.0),
                 );
                 line.push_str(&format!(
-                    "  {} {rate:.0} calls/s p50 {p50:.0} µs p99 {p99:.0} µs",
-                    side.label()
+                    "\n  {:<10} {rate:>6.0} calls/s p50 {p50:.0} µs p99 {p99:.0} µs; {}",
+                    side.label(),
+                    per_task.show()
                 ));
                 let figures = match side {
                     Side::Framework => &mut framework,
@@ -520,6 +592,7 @@ impl Bench {
                 figures.rate.push(rate);
                 figures.p50.push(p50);
                 figures.p99.push(p99);
+                figures.cpu.push(per_task);
             }
             println!("{line}");
         }
@@ -532,6 +605,8 @@ impl Bench {
             ("reps".into(), self.reps().to_string()),
             ("in_flight".into(), in_flight.to_string()),
         ];
+        extra.extend(framework.cpu.fields("framework"));
+        extra.extend(baseline.cpu.fields("baseline"));
         let (report, bars) = if in_flight == 1 {
             extra.extend([
                 ("framework_rps".into(), number(rate.0.median)),
@@ -670,8 +745,8 @@ impl Bench {
             metric: format!("worker RSS after {n} tasks, MiB"),
             unit: "MiB",
             better: Better::Lower,
-            framework: Stat::of(&[after[0]]),
-            baseline: Stat::of(&[after[1]]),
+            framework: self.one(Side::Framework, after[0]),
+            baseline: self.one(Side::Raw, after[1]),
             paired_ratio: None,
             extra: vec![
                 ("n".into(), n.to_string()),
@@ -698,23 +773,32 @@ impl Bench {
             Bar {
                 panel: Panel::Memory,
                 label: "idle".into(),
-                framework: Stat::of(&[idle[0]]),
-                baseline: Stat::of(&[idle[1]]),
+                framework: self.one(Side::Framework, idle[0]),
+                baseline: self.one(Side::Raw, idle[1]),
             },
             Bar {
                 panel: Panel::Memory,
                 label: format!("after {}k tasks", n / 1000),
-                framework: Stat::of(&[after[0]]),
-                baseline: Stat::of(&[after[1]]),
+                framework: self.one(Side::Framework, after[0]),
+                baseline: self.one(Side::Raw, after[1]),
             },
             Bar {
                 panel: Panel::Memory,
                 label: "peak".into(),
-                framework: Stat::of(&[peak[0]]),
-                baseline: Stat::of(&[peak[1]]),
+                framework: self.one(Side::Framework, peak[0]),
+                baseline: self.one(Side::Raw, peak[1]),
             },
         ];
         Ok((vec![report], bars))
+    }
+
+    /// A single measurement of `side`, or nothing when that side did not run.
+    fn one(&self, side: Side, value: f64) -> Stat {
+        if self.wants(side) {
+            Stat::of(&[value])
+        } else {
+            Stat::default()
+        }
     }
 
     /// Sets the verdict, unless in smoke mode or with one side only.

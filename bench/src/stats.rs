@@ -38,9 +38,11 @@ impl Stat {
         }
     }
 
-    /// `median (min..max)` with `decimals` decimals.
+    /// `median (min..max)` with `decimals` decimals; `–` when not measured.
     pub fn show(&self, decimals: usize) -> String {
-        if self.count > 1 {
+        if self.count == 0 {
+            "–".to_owned()
+        } else if self.count > 1 {
             format!(
                 "{:.d$} ({:.d$}..{:.d$})",
                 self.median,
@@ -99,10 +101,10 @@ pub struct Report {
 }
 
 impl Report {
-    /// framework / baseline, of the medians.
+    /// framework / baseline, of the medians (NaN when a side was not measured).
     pub fn ratio(&self) -> f64 {
-        if self.baseline.median == 0.0 {
-            0.0
+        if self.baseline.count == 0 || self.framework.count == 0 || self.baseline.median == 0.0 {
+            f64::NAN
         } else {
             self.framework.median / self.baseline.median
         }
@@ -113,8 +115,8 @@ impl Report {
         let mut line = format!(
             "RESULT scenario={} framework={} baseline={} ratio={:.3} unit={}",
             self.scenario,
-            number(self.framework.median),
-            number(self.baseline.median),
+            measured(&self.framework),
+            measured(&self.baseline),
             self.ratio(),
             self.unit
         );
@@ -142,6 +144,15 @@ impl Report {
             let _ = write!(line, " target_met={met}");
         }
         line
+    }
+}
+
+/// A side's median for a `RESULT` line, `NaN` when it was not measured.
+fn measured(stat: &Stat) -> String {
+    if stat.count == 0 {
+        "NaN".to_owned()
+    } else {
+        number(stat.median)
     }
 }
 
