@@ -700,6 +700,7 @@ impl Bench {
         let mut after = [0.0; 2];
         let mut peak = [0.0; 2];
         let mut growth = [0.0; 2];
+        let mut grown_kib = [0.0; 2];
         for (index, side) in [Side::Framework, Side::Raw].into_iter().enumerate() {
             if !self.wants(side) {
                 continue;
@@ -725,6 +726,7 @@ impl Bench {
             let (last_n, last_kib) = checkpoints[4];
             growth[index] =
                 (last_kib as f64 - first_kib as f64) * 1024.0 / (last_n - first_n).max(1) as f64;
+            grown_kib[index] = last_kib as f64 - first_kib as f64;
             println!(
                 "{}: RSS idle {:.1} MiB; after {} tasks: {}; peak {:.1} MiB; growth after the first quarter {:.2} bytes/task",
                 side.label(),
@@ -755,6 +757,8 @@ impl Bench {
                 ("framework_peak_mib".into(), number(peak[0])),
                 ("baseline_peak_mib".into(), number(peak[1])),
                 ("framework_growth_bytes_per_task".into(), number(growth[0])),
+                ("framework_growth_kib".into(), number(grown_kib[0])),
+                ("baseline_growth_kib".into(), number(grown_kib[1])),
                 ("baseline_growth_bytes_per_task".into(), number(growth[1])),
             ],
             verdict: None,
@@ -765,8 +769,10 @@ impl Bench {
         };
         let report = self.judge(report, |_| {
             Some((
-                "framework idle RSS < 15 MiB and < 1 byte/task growth after warm-up".to_owned(),
-                idle[0] < 15.0 && growth[0] < 1.0,
+                "framework idle RSS < 15 MiB; flat: ≤ 512 KiB growth from the first quarter to \
+                 the end"
+                    .to_owned(),
+                idle[0] < 15.0 && grown_kib[0] <= 512.0,
             ))
         });
         let bars = vec![
