@@ -45,13 +45,13 @@ const RIGHT: f64 = 20.0;
 const FRAMEWORK: &str = "#2f6db5";
 const BASELINE: &str = "#9a9a9a";
 
-/// The SVG document for `bars`, titled `title` (a note on where the numbers come from).
-pub fn svg(title: &str, bars: &[Bar]) -> String {
+/// The SVG document for `bars`, with a title and a subtitle (where the numbers come from).
+pub fn svg(title: &str, subtitle: &str, bars: &[Bar]) -> String {
     let panels: Vec<Panel> = [Panel::Throughput, Panel::Latency, Panel::Memory]
         .into_iter()
         .filter(|panel| bars.iter().any(|bar| bar.panel == *panel))
         .collect();
-    let height = 70.0 + PANEL_HEIGHT * panels.len() as f64;
+    let height = 80.0 + PANEL_HEIGHT * panels.len() as f64;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -59,12 +59,13 @@ pub fn svg(title: &str, bars: &[Bar]) -> String {
     );
     let _ = writeln!(
         out,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text>"#,
-        escape(title)
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text><text x="{LEFT}" y="40" fill="#555">{}</text>"##,
+        escape(title),
+        escape(subtitle)
     );
-    legend(&mut out, WIDTH - 260.0, 40.0);
+    legend(&mut out, WIDTH - 260.0, 62.0);
     for (index, panel) in panels.iter().enumerate() {
-        let top = 60.0 + PANEL_HEIGHT * index as f64;
+        let top = 70.0 + PANEL_HEIGHT * index as f64;
         let group: Vec<&Bar> = bars.iter().filter(|bar| bar.panel == *panel).collect();
         draw_panel(&mut out, *panel, &group, top);
     }
@@ -101,10 +102,12 @@ fn draw_panel(out: &mut String, panel: Panel, bars: &[&Bar], top: f64) {
         .iter()
         .flat_map(|bar| [bar.framework.max, bar.baseline.max])
         .fold(0.0f64, f64::max);
-    let scale_max = nice_ceiling(highest * 1.1);
+    let step = nice_ceiling(highest * 1.1 / 5.0);
+    let steps = ((highest * 1.1 / step).ceil() as u32).max(1);
+    let scale_max = step * f64::from(steps);
     let y = |value: f64| plot_bottom - value / scale_max * plot_height;
-    for step in 0..=4 {
-        let value = scale_max * f64::from(step) / 4.0;
+    for index in 0..=steps {
+        let value = step * f64::from(index);
         let _ = writeln!(
             out,
             r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e2e2e2"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{}</text>"##,
@@ -189,9 +192,11 @@ fn nice_ceiling(value: f64) -> f64 {
 }
 
 fn short(value: f64) -> String {
-    if value >= 10_000.0 {
+    if value >= 10_000.0 && value % 1000.0 == 0.0 {
+        format!("{:.0}k", value / 1000.0)
+    } else if value >= 10_000.0 {
         format!("{:.1}k", value / 1000.0)
-    } else if value >= 100.0 {
+    } else if value >= 100.0 || value.fract() == 0.0 {
         format!("{value:.0}")
     } else {
         format!("{value:.1}")
@@ -221,6 +226,7 @@ mod tests {
         let stat = Stat::of(&[1.0, 2.0, 3.0]);
         let svg = svg(
             "t <noisy>",
+            "sub",
             &[Bar {
                 panel: Panel::Latency,
                 label: "call-1 p50".into(),

@@ -115,12 +115,18 @@ fn main() -> ExitCode {
         println!("{}", report.result_line());
     }
     if let Some(path) = &cli.svg {
-        let title = format!(
-            "amqp-tasks vs raw lapin — {}, RabbitMQ on loopback, medians of {} reps (whiskers: min..max)",
+        let subtitle = format!(
+            "{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max; load average {} at the end",
             scenarios::machine(),
-            if cli.smoke { 1 } else { cli.reps }
+            if cli.smoke { 1 } else { cli.reps },
+            scenarios::load_average()
         );
-        if let Err(error) = std::fs::write(path, chart::svg(&title, &outcome.bars)) {
+        let svg = chart::svg(
+            "amqp-tasks vs raw lapin, same run",
+            &subtitle,
+            &outcome.bars,
+        );
+        if let Err(error) = std::fs::write(path, svg) {
             eprintln!("bench: cannot write {}: {error}", path.display());
             return ExitCode::FAILURE;
         }

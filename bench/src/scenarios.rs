@@ -666,20 +666,12 @@ impl Bench {
             let report = self.judge(report, |r| {
                 Some(("framework ≥ 0.9× raw".to_owned(), r.ratio() >= 0.9))
             });
-            let bars = vec![
-                Bar {
-                    panel: Panel::Throughput,
-                    label: name.to_owned(),
-                    framework: rate.0,
-                    baseline: rate.1,
-                },
-                Bar {
-                    panel: Panel::Latency,
-                    label: format!("{name} p50"),
-                    framework: p50.0,
-                    baseline: p50.1,
-                },
-            ];
+            let bars = vec![Bar {
+                panel: Panel::Throughput,
+                label: name.to_owned(),
+                framework: rate.0,
+                baseline: rate.1,
+            }];
             (report, bars)
         };
         Ok((vec![report], bars))
