@@ -1,0 +1,241 @@
+//! A hand-made SVG bar chart of a run: framework and raw lapin side by side, medians as bars,
+//! min..max as whiskers.
+
+use crate::stats::Stat;
+use std::fmt::Write;
+
+/// Which panel a bar pair goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panel {
+    /// Tasks or requests per second (higher is better).
+    Throughput,
+    /// Microseconds (lower is better).
+    Latency,
+    /// MiB of resident memory (lower is better).
+    Memory,
+}
+
+impl Panel {
+    fn title(self) -> &'static str {
+        match self {
+            Panel::Throughput => "Throughput (per second, higher is better)",
+            Panel::Latency => "Call latency (µs, lower is better)",
+            Panel::Memory => "Worker resident memory (MiB, lower is better)",
+        }
+    }
+}
+
+/// A framework/raw pair of bars.
+#[derive(Clone, Debug)]
+pub struct Bar {
+    /// Where it goes.
+    pub panel: Panel,
+    /// Its label under the pair.
+    pub label: String,
+    /// amqp-tasks.
+    pub framework: Stat,
+    /// Raw lapin.
+    pub baseline: Stat,
+}
+
+const WIDTH: f64 = 860.0;
+const PANEL_HEIGHT: f64 = 250.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+const FRAMEWORK: &str = "#2f6db5";
+const BASELINE: &str = "#9a9a9a";
+
+/// The SVG document for `bars`, with a title and a subtitle (where the numbers come from).
+pub fn svg(title: &str, subtitle: &str, bars: &[Bar]) -> String {
+    let panels: Vec<Panel> = [Panel::Throughput, Panel::Latency, Panel::Memory]
+        .into_iter()
+        .filter(|panel| bars.iter().any(|bar| bar.panel == *panel))
+        .collect();
+    let height = 80.0 + PANEL_HEIGHT * panels.len() as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        out,
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text><text x="{LEFT}" y="40" fill="#555">{}</text>"##,
+        escape(title),
+        escape(subtitle)
+    );
+    legend(&mut out, WIDTH - 260.0, 62.0);
+    for (index, panel) in panels.iter().enumerate() {
+        let top = 70.0 + PANEL_HEIGHT * index as f64;
+        let group: Vec<&Bar> = bars.iter().filter(|bar| bar.panel == *panel).collect();
+        draw_panel(&mut out, *panel, &group, top);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn legend(out: &mut String, x: f64, y: f64) {
+    for (offset, (colour, name)) in [(FRAMEWORK, "amqp-tasks"), (BASELINE, "raw lapin")]
+        .into_iter()
+        .enumerate()
+    {
+        let x = x + offset as f64 * 120.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x}" y="{}" width="14" height="14" fill="{colour}"/><text x="{}" y="{y}">{name}</text>"#,
+            y - 11.0,
+            x + 20.0
+        );
+    }
+}
+
+fn draw_panel(out: &mut String, panel: Panel, bars: &[&Bar], top: f64) {
+    let plot_top = top + 30.0;
+    let plot_bottom = top + PANEL_HEIGHT - 40.0;
+    let plot_height = plot_bottom - plot_top;
+    let _ = writeln!(
+        out,
+        r#"<text x="{LEFT}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
+        top + 16.0,
+        panel.title()
+    );
+    let highest = bars
+        .iter()
+        .flat_map(|bar| [bar.framework.max, bar.baseline.max])
+        .fold(0.0f64, f64::max);
+    let step = nice_ceiling(highest * 1.1 / 5.0);
+    let steps = ((highest * 1.1 / step).ceil() as u32).max(1);
+    let scale_max = step * f64::from(steps);
+    let y = |value: f64| plot_bottom - value / scale_max * plot_height;
+    for index in 0..=steps {
+        let value = step * f64::from(index);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e2e2e2"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{}</text>"##,
+            WIDTH - RIGHT,
+            LEFT - 6.0,
+            y(value) + 4.0,
+            short(value),
+            y = y(value)
+        );
+    }
+    let slot = (WIDTH - LEFT - RIGHT) / bars.len().max(1) as f64;
+    let bar_width = (slot * 0.3).min(60.0);
+    for (index, bar) in bars.iter().enumerate() {
+        let centre = LEFT + slot * (index as f64 + 0.5);
+        for (offset, stat, colour) in [
+            (-bar_width - 2.0, bar.framework, FRAMEWORK),
+            (2.0, bar.baseline, BASELINE),
+        ] {
+            let x = centre + offset;
+            let _ = writeln!(
+                out,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{bar_width:.1}" height="{:.1}" fill="{colour}"/>"#,
+                y(stat.median),
+                plot_bottom - y(stat.median)
+            );
+            if stat.count > 1 {
+                let middle = x + bar_width / 2.0;
+                let _ = writeln!(
+                    out,
+                    r#"<line x1="{middle:.1}" x2="{middle:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+                    y(stat.min),
+                    y(stat.max),
+                    middle - 4.0,
+                    middle + 4.0,
+                    y(stat.min),
+                    y(stat.min),
+                    middle - 4.0,
+                    middle + 4.0,
+                    y(stat.max),
+                    y(stat.max)
+                );
+            }
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+                x + bar_width / 2.0,
+                y(stat.max.max(stat.median)) - 5.0,
+                short(stat.median)
+            );
+        }
+        let ratio = if bar.baseline.median > 0.0 {
+            bar.framework.median / bar.baseline.median
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            r##"<text x="{centre:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{centre:.1}" y="{:.1}" text-anchor="middle" fill="#555">ratio {ratio:.2}</text>"##,
+            plot_bottom + 16.0,
+            escape(&bar.label),
+            plot_bottom + 30.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<line x1="{LEFT}" x2="{}" y1="{plot_bottom}" y2="{plot_bottom}" stroke="black"/>"#,
+        WIDTH - RIGHT
+    );
+}
+
+/// 1, 2 or 5 times a power of ten, at least `value`.
+fn nice_ceiling(value: f64) -> f64 {
+    if value <= 0.0 {
+        return 1.0;
+    }
+    let power = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|candidate| *candidate >= value)
+        .unwrap_or(10.0 * power)
+}
+
+fn short(value: f64) -> String {
+    if value >= 10_000.0 && value % 1000.0 == 0.0 {
+        format!("{:.0}k", value / 1000.0)
+    } else if value >= 10_000.0 {
+        format!("{:.1}k", value / 1000.0)
+    } else if value >= 100.0 || value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceilings_are_round() {
+        assert_eq!(nice_ceiling(0.0), 1.0);
+        assert_eq!(nice_ceiling(17.0), 20.0);
+        assert_eq!(nice_ceiling(23_000.0), 25_000.0);
+        assert_eq!(nice_ceiling(51.0), 100.0);
+    }
+
+    #[test]
+    fn a_chart_is_one_svg_document() {
+        let stat = Stat::of(&[1.0, 2.0, 3.0]);
+        let svg = svg(
+            "t <noisy>",
+            "sub",
+            &[Bar {
+                panel: Panel::Latency,
+                label: "call-1 p50".into(),
+                framework: stat,
+                baseline: stat,
+            }],
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("t &lt;noisy&gt;"));
+        assert!(!svg.contains("Throughput"));
+    }
+}

@@ -1,0 +1,533 @@
+//! The baseline: a raw lapin program doing the same work as amqp-tasks with the same guarantees.
+//!
+//! - Queues: durable, `x-queue-type = classic` (what an amqp-tasks worker declares).
+//! - Publishing: a channel in confirm mode, `mandatory`, the default exchange; `delay` messages are
+//!   persistent (`delivery_mode` 2) and carry a `message_id` (the task id a caller gets back);
+//!   requests are transient with an `expiration`, `reply_to` and `correlation_id`, and their
+//!   confirm is awaited before the reply, as amqp-tasks does.
+//! - Many sends: a window of publisher confirms in flight, awaited in order.
+//! - Replies: one exclusive, auto-delete reply queue per client, named by the client, consumed with
+//!   `no_ack` on a channel of its own; a map from correlation id to the waiting call.
+//! - Consuming: manual acks, the same prefetch as the framework worker; the body is decoded with
+//!   bincode (and the answer encoded) as the framework does; a reply is published on the
+//!   delivery's channel before its ack. Acks go to one acker task per channel that acks each
+//!   contiguous finished run of delivery tags with one `multiple = true` ack and finished tags
+//!   beyond a gap one by one: the strategy of amqp-tasks' `worker/acker.rs`.
+
+use crate::Res;
+use crate::tasks::progress;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The content type both sides send.
+pub const CONTENT_TYPE: &str = "application/x-bincode";
+
+/// How the raw worker runs a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dispatch {
+    /// A tokio task per delivery, as the amqp-tasks worker does.
+    Spawn,
+    /// In the consumer loop, one delivery after the other.
+    Inline,
+}
+
+impl Dispatch {
+    /// The name used on the command line and in the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dispatch::Spawn => "spawn",
+            Dispatch::Inline => "inline",
+        }
+    }
+}
+
+/// What the raw side puts in a message besides the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// What a raw lapin program needs: `delivery_mode`, `content_type`, `message_id` (plus
+    /// `reply_to`, `correlation_id` and `expiration` on requests).
+    Minimal,
+    /// Also amqp-tasks' properties and headers, same keys, types and sizes (`type`, task name,
+    /// wire version, signature, attempt, root id, traceparent, deadline on requests; `type` and
+    /// `message_id` on replies): separates the cost of the wire format from the cost of the code.
+    Framework,
+}
+
+impl Wire {
+    /// The name used on the command line and in the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wire::Minimal => "minimal",
+            Wire::Framework => "framework",
+        }
+    }
+
+    /// Adds what this wire format adds to a task message.
+    fn dress(
+        self,
+        properties: BasicProperties,
+        task: &str,
+        deadline_ms: Option<u64>,
+    ) -> BasicProperties {
+        if self == Wire::Minimal {
+            return properties;
+        }
+        use amqp_tasks::wire::header;
+        let id = properties
+            .message_id()
+            .as_ref()
+            .map_or_else(String::new, |id| id.as_str().to_owned());
+        let mut headers = FieldTable::default();
+        let mut text = |key: &str, value: String| {
+            headers.insert(key.into(), AMQPValue::LongString(value.into()));
+        };
+        text(header::TASK, task.to_owned());
+        text(header::SIGNATURE, "0123456789abcdef".to_owned());
+        text(header::ROOT_ID, id);
+        text(
+            header::TRACEPARENT,
+            format!(
+                "00-{}-{}-01",
+                uuid::Uuid::new_v4().simple(),
+                &uuid::Uuid::new_v4().simple().to_string()[..16]
+            ),
+        );
+        headers.insert(header::WIRE.into(), AMQPValue::LongLongInt(1));
+        headers.insert(header::ATTEMPT.into(), AMQPValue::LongLongInt(1));
+        if let Some(deadline) = deadline_ms {
+            headers.insert(
+                header::DEADLINE.into(),
+                AMQPValue::LongLongInt(deadline as i64),
+            );
+        }
+        properties
+            .with_type(amqp_tasks::wire::TYPE_CALL.into())
+            .with_headers(headers)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The raw queue of the `delay` task in a namespace.
+pub fn sink_queue(namespace: &str) -> String {
+    format!("{namespace}.raw.sink")
+}
+
+/// The raw queue of the `call` task in a namespace.
+pub fn echo_queue(namespace: &str) -> String {
+    format!("{namespace}.raw.echo")
+}
+
+/// `(payload,)` in bincode's standard configuration: the bytes amqp-tasks sends for `sink(payload)`.
+pub fn encode_args(payload: &[u8]) -> Vec<u8> {
+    bincode::serde::encode_to_vec((payload,), bincode::config::standard())
+        .expect("a byte slice always encodes")
+}
+
+fn decode_args(body: &[u8]) -> Res<Vec<u8>> {
+    let ((payload,), _): ((Vec<u8>,), usize) =
+        bincode::serde::decode_from_slice(body, bincode::config::standard())?;
+    Ok(payload)
+}
+
+fn classic() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    arguments
+}
+
+async fn next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+// ------------------------------------------------------------------------------------------------
+// Client
+
+/// A raw lapin producer: a publisher channel in confirm mode and a reply queue.
+pub struct RawClient {
+    connection: Connection,
+    publisher: Channel,
+    reply_queue: String,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
+    next_correlation: AtomicU64,
+    wire: Wire,
+}
+
+impl RawClient {
+    /// Connects, opens the publisher channel and the reply queue and its consumer.
+    pub async fn connect(url: &str, namespace: &str, wire: Wire) -> Res<RawClient> {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let reply_queue = format!("{namespace}.raw.reply.{}", uuid::Uuid::new_v4().simple());
+        let replies = connection.create_channel().await?;
+        replies
+            .queue_declare(
+                reply_queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut consumer = replies
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>> = Arc::default();
+        let routes = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = next(&mut consumer).await {
+                let correlation = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .and_then(|c| c.as_str().parse::<u64>().ok());
+                let waiting = correlation.and_then(|c| routes.lock().unwrap().remove(&c));
+                if let Some(waiting) = waiting {
+                    let _ = waiting.send(delivery.data);
+                }
+            }
+        });
+        Ok(RawClient {
+            connection,
+            publisher,
+            reply_queue,
+            pending,
+            next_correlation: AtomicU64::new(1),
+            wire,
+        })
+    }
+
+    /// Publishes `n` persistent tasks to `queue` with `window` confirms in flight; returns once
+    /// every one is confirmed.
+    pub async fn delay_many(
+        &self,
+        queue: &str,
+        n: usize,
+        window: usize,
+        payload: &[u8],
+        confirm_timeout: Duration,
+    ) -> Res<()> {
+        let mut in_flight = VecDeque::with_capacity(window);
+        for _ in 0..n {
+            if in_flight.len() >= window {
+                let confirm = in_flight.pop_front().expect("the window is not empty");
+                check(tokio::time::timeout(confirm_timeout, confirm).await??)?;
+            }
+            let body = encode_args(payload);
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(CONTENT_TYPE.into())
+                .with_message_id(uuid::Uuid::new_v4().to_string().into());
+            let properties = self.wire.dress(properties, "bench.sink", None);
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    properties,
+                )
+                .await?;
+            in_flight.push_back(confirm);
+        }
+        for confirm in in_flight {
+            check(tokio::time::timeout(confirm_timeout, confirm).await??)?;
+        }
+        Ok(())
+    }
+
+    /// One request/reply round trip: publish (confirmed) the request, await the answer.
+    pub async fn call(&self, queue: &str, payload: &[u8], timeout: Duration) -> Res<u64> {
+        let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.pending.lock().unwrap().insert(correlation, sender);
+        let result = tokio::time::timeout(timeout, async {
+            let body = encode_args(payload);
+            let properties = BasicProperties::default()
+                .with_delivery_mode(1)
+                .with_content_type(CONTENT_TYPE.into())
+                .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                .with_expiration(timeout.as_millis().to_string().into())
+                .with_reply_to(self.reply_queue.as_str().into())
+                .with_correlation_id(correlation.to_string().into());
+            let deadline = unix_ms() + timeout.as_millis() as u64;
+            let properties = self.wire.dress(properties, "bench.echo", Some(deadline));
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    properties,
+                )
+                .await?;
+            check(confirm.await?)?;
+            let reply = receiver.await?;
+            let (length, _): (u64, usize) =
+                bincode::serde::decode_from_slice(&reply, bincode::config::standard())?;
+            Ok::<u64, crate::Error>(length)
+        })
+        .await;
+        match result {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.pending.lock().unwrap().remove(&correlation);
+                Err("raw call timed out".into())
+            }
+        }
+    }
+
+    /// Closes the connection (its reply queue goes with it).
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "bench done".into()).await;
+    }
+}
+
+fn check(confirmation: Confirmation) -> Res<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(format!("returned by the broker: {}", returned.reply_text).into())
+        }
+        Confirmation::Nack(None) => Err("nacked by the broker".into()),
+        Confirmation::NotRequested => Err("the channel is not in confirm mode".into()),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Worker
+
+/// The raw worker process: `AMQP_URL`, `AMQP_TASKS_BENCH_NAMESPACE`, `AMQP_TASKS_BENCH_PREFETCH`,
+/// `AMQP_TASKS_BENCH_DISPATCH`; consumes both raw queues until SIGTERM or SIGINT.
+pub fn worker_main() -> std::process::ExitCode {
+    let url = std::env::var("AMQP_URL").unwrap_or_else(|_| amqp_tasks::DEFAULT_URL.to_owned());
+    let namespace = std::env::var("AMQP_TASKS_BENCH_NAMESPACE").unwrap_or_else(|_| "bench".into());
+    let prefetch = std::env::var("AMQP_TASKS_BENCH_PREFETCH")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(64);
+    let dispatch = match std::env::var("AMQP_TASKS_BENCH_DISPATCH").as_deref() {
+        Ok("inline") => Dispatch::Inline,
+        _ => Dispatch::Spawn,
+    };
+    let wire = match std::env::var("AMQP_TASKS_BENCH_WIRE").as_deref() {
+        Ok("framework") => Wire::Framework,
+        _ => Wire::Minimal,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let result = runtime.block_on(serve(&url, &namespace, prefetch, dispatch, wire));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("raw worker: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Job {
+    Sink,
+    Echo,
+}
+
+async fn serve(
+    url: &str,
+    namespace: &str,
+    prefetch: u16,
+    dispatch: Dispatch,
+    wire: Wire,
+) -> Res<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let mut consumers = Vec::new();
+    for (queue, job) in [
+        (sink_queue(namespace), Job::Sink),
+        (echo_queue(namespace), Job::Echo),
+    ] {
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                classic(),
+            )
+            .await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let acks = spawn_acker(channel.clone());
+        consumers.push(tokio::spawn(consume(
+            channel, consumer, acks, job, dispatch, wire,
+        )));
+    }
+    eprintln!("raw worker ready (prefetch {prefetch}, dispatch {dispatch:?}, wire {wire:?})");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = connection.close(200, "raw worker stopping".into()).await;
+    Ok(())
+}
+
+async fn consume(
+    channel: Channel,
+    mut consumer: Consumer,
+    acks: mpsc::UnboundedSender<u64>,
+    job: Job,
+    dispatch: Dispatch,
+    wire: Wire,
+) {
+    while let Some(Ok(delivery)) = next(&mut consumer).await {
+        match dispatch {
+            Dispatch::Inline => {
+                handle(&channel, &delivery, job, wire).await;
+                let _ = acks.send(delivery.delivery_tag);
+            }
+            Dispatch::Spawn => {
+                let channel = channel.clone();
+                let acks = acks.clone();
+                tokio::spawn(async move {
+                    handle(&channel, &delivery, job, wire).await;
+                    let _ = acks.send(delivery.delivery_tag);
+                });
+            }
+        }
+    }
+}
+
+async fn handle(channel: &Channel, delivery: &lapin::message::Delivery, job: Job, wire: Wire) {
+    let payload = match decode_args(&delivery.data) {
+        Ok(payload) => payload,
+        Err(error) => {
+            eprintln!("raw worker: bad body: {error}");
+            return;
+        }
+    };
+    match job {
+        Job::Sink => {
+            std::hint::black_box(&payload);
+            progress::done();
+        }
+        Job::Echo => {
+            let answer = payload.len() as u64;
+            let body = bincode::serde::encode_to_vec(answer, bincode::config::standard())
+                .expect("a u64 always encodes");
+            let Some(reply_to) = delivery.properties.reply_to() else {
+                return;
+            };
+            let mut properties = BasicProperties::default()
+                .with_delivery_mode(1)
+                .with_content_type(CONTENT_TYPE.into());
+            if let Some(correlation) = delivery.properties.correlation_id() {
+                properties = properties.with_correlation_id(correlation.clone());
+            }
+            if wire == Wire::Framework {
+                properties = properties.with_type(amqp_tasks::wire::TYPE_RESULT.into());
+                if let Some(id) = delivery.properties.message_id() {
+                    properties = properties.with_message_id(id.clone());
+                }
+            }
+            if let Err(error) = channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.clone(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await
+            {
+                eprintln!("raw worker: reply not sent: {error}");
+            }
+        }
+    }
+}
+
+/// One acker per channel: a contiguous finished run is one `multiple` ack, a finished tag beyond a
+/// gap is acked alone (as amqp-tasks' acker does).
+fn spawn_acker(channel: Channel) -> mpsc::UnboundedSender<u64> {
+    let (sender, mut receiver) = mpsc::unbounded_channel::<u64>();
+    tokio::spawn(async move {
+        let mut settled_through = 0u64;
+        let mut finished = BTreeSet::new();
+        let mut alone = BTreeSet::new();
+        let mut batch = Vec::new();
+        while receiver.recv_many(&mut batch, 1024).await > 0 {
+            finished.extend(batch.drain(..).filter(|tag| *tag > settled_through));
+            let mut through = None;
+            loop {
+                let next = settled_through + 1;
+                if finished.remove(&next) {
+                    through = Some(next);
+                } else if !alone.remove(&next) {
+                    break;
+                }
+                settled_through = next;
+            }
+            if let Some(tag) = through {
+                let _ = channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await;
+            }
+            for tag in std::mem::take(&mut finished) {
+                let _ = channel
+                    .basic_ack(tag, BasicAckOptions { multiple: false })
+                    .await;
+                alone.insert(tag);
+            }
+        }
+    });
+    sender
+}
