@@ -25,6 +25,10 @@ use tokio::time::Instant;
 /// The URL used when none is given: the local broker with RabbitMQ's default user.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The largest AMQP frame a client asks for unless its URL says otherwise (`?frame_max=`):
+/// larger bodies travel in several frames; the connection's buffers stay small.
+pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
 /// A handle on one broker connection: sends tasks (`.delay(&client)`, `.call(&client)`), and
 /// is what a [`Worker`](crate::Worker) serves with. Cheap to clone; clones share the connection.
 ///
@@ -233,9 +237,8 @@ impl Client {
         eta_ms: Option<u64>,
         deadline: Instant,
     ) -> Result<(), CallError> {
-        let connected = tokio::time::timeout_at(deadline, self.session_before(deadline)).await;
-        let session = connected.unwrap_or(Err(CallError::Timeout))?;
         tokio::time::timeout_at(deadline, async {
+            let session = self.connected(deadline).await?;
             let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
             session
                 .publish_confirmed(&exchange, queue, body, properties)
@@ -243,6 +246,14 @@ impl Client {
         })
         .await
         .unwrap_or(Err(CallError::Timeout))
+    }
+
+    /// The live session, or (boxed: the cold path keeps the hot future small) a new one.
+    async fn connected(&self, deadline: Instant) -> Result<Arc<Session>, CallError> {
+        match self.live_session() {
+            Some(session) => Ok(session),
+            None => Box::pin(self.session_before(deadline)).await,
+        }
     }
 
     /// Publishes many tasks at once: every publish is handed over before the first confirm is
@@ -294,9 +305,8 @@ impl Client {
         eta_ms: Option<u64>,
         deadline: Instant,
     ) -> Result<Reply, CallError> {
-        let connected = tokio::time::timeout_at(deadline, self.session_before(deadline)).await;
-        let session = connected.unwrap_or(Err(CallError::Timeout))?;
         tokio::time::timeout_at(deadline, async {
+            let session = self.connected(deadline).await?;
             let pending = session.register()?;
             let properties = properties
                 .with_reply_to(wire::short(&session.reply_queue))
@@ -324,9 +334,19 @@ impl Client {
         eta_ms: Option<u64>,
     ) -> Result<(String, BasicProperties), CallError> {
         let wait = eta_ms.map(|eta| eta.saturating_sub(unix_ms(SystemTime::now())));
-        let Some(bucket) = wait.and_then(topology::delay_bucket) else {
-            return Ok((String::new(), properties));
-        };
+        match wait.and_then(topology::delay_bucket) {
+            None => Ok((String::new(), properties)),
+            Some(bucket) => Box::pin(self.route_delayed(session, queue, properties, bucket)).await,
+        }
+    }
+
+    async fn route_delayed(
+        &self,
+        session: &Session,
+        queue: &str,
+        properties: BasicProperties,
+        bucket: u64,
+    ) -> Result<(String, BasicProperties), CallError> {
         let exchange = topology::delay_exchange(self.namespace());
         // A delayed message is routed by the broker later, when nobody is told about a missing
         // queue: check now that the task queue and the delay queues exist.
@@ -416,7 +436,13 @@ impl Session {
     async fn open(config: &ClientConfig) -> Result<Arc<Session>, lapin::Error> {
         let properties = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
-        let connection = Connection::connect(&config.url, properties).await?;
+        let mut uri: lapin::uri::AMQPUri = config.url.parse().map_err(|error: String| {
+            lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, error))
+        })?;
+        // lapin keeps 32 frames of buffer per direction and connection, zero-filled: with
+        // RabbitMQ's 128 KiB frames that is 8 MiB per connection, most of an idle worker.
+        uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+        let connection = Connection::connect_uri(uri, properties).await?;
         let publisher = connection.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())

@@ -24,7 +24,7 @@ pub struct Context {
 struct Inner {
     client: Client,
     task_id: TaskId,
-    task_name: String,
+    task_name: &'static str,
     attempt: u32,
     redelivered: bool,
     deadline: Option<Instant>,
@@ -37,7 +37,7 @@ struct Inner {
 pub(crate) struct ContextParts {
     pub client: Client,
     pub task_id: TaskId,
-    pub task_name: String,
+    pub task_name: &'static str,
     pub attempt: u32,
     pub redelivered: bool,
     pub deadline: Option<Instant>,
@@ -72,7 +72,7 @@ impl Context {
         Context::new(ContextParts {
             client: client.clone(),
             task_id: TaskId::new(),
-            task_name: String::new(),
+            task_name: "",
             attempt: 1,
             redelivered: false,
             deadline: None,
@@ -90,7 +90,7 @@ impl Context {
 
     /// The task name.
     pub fn task_name(&self) -> &str {
-        &self.inner.task_name
+        self.inner.task_name
     }
 
     /// The attempt number, from 1.

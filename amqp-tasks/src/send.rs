@@ -6,7 +6,6 @@ use crate::codec::Codec;
 use crate::context::Context;
 use crate::error::CallError;
 use crate::task::{Origin, TaskId};
-use crate::trace::TraceParent;
 use crate::wire::{self, ErrorKind, TaskHeaders};
 use lapin::BasicProperties;
 use serde::de::DeserializeOwned;
@@ -148,8 +147,8 @@ fn envelope(
     deadline_ms: Option<u64>,
     eta_ms: Option<u64>,
 ) -> BasicProperties {
+    // A root task sends no root id (it is its own) and no trace (the worker starts one).
     let parent = origin.parent;
-    let trace = parent.map_or_else(TraceParent::new_root, |p| p.trace().child());
     let headers = TaskHeaders {
         task: Some(out.name.to_owned()),
         wire: Some(wire::WIRE_VERSION),
@@ -157,9 +156,9 @@ fn envelope(
         attempt: 1,
         deadline_ms,
         eta_ms,
-        root_id: Some(parent.map_or_else(|| out.id.to_string(), |p| p.root_id().to_string())),
+        root_id: parent.map(|p| p.root_id().to_string()),
         parent_id: parent.map(|p| p.task_id().to_string()),
-        traceparent: Some(trace.to_string()),
+        traceparent: parent.map(|p| p.trace().child().to_string()),
         ..TaskHeaders::default()
     };
     BasicProperties::default()

@@ -68,7 +68,7 @@ pub struct TaskId(String);
 impl TaskId {
     /// A new random id.
     pub fn new() -> TaskId {
-        TaskId(uuid::Uuid::new_v4().to_string())
+        TaskId(crate::trace::random_uuid().to_string())
     }
 
     /// The id as text.

@@ -152,8 +152,9 @@ impl std::str::FromStr for QueueType {
 
 /// `queue`, or `<namespace>.queue`.
 pub(crate) fn queue_name(namespace: Option<&str>, queue: &str) -> String {
+    // On every send: a plain concatenation, not `format!`.
     match namespace {
-        Some(namespace) => format!("{namespace}.{queue}"),
+        Some(namespace) => [namespace, ".", queue].concat(),
         None => queue.to_owned(),
     }
 }

@@ -1,32 +1,38 @@
 //! W3C trace context (`traceparent`): one trace id follows a task through every hop, so that the
-//! logs of the producer, the relay and the worker can be joined.
+//! logs of the producer, the relay and the worker can be joined. Also the process's cheap source
+//! of random ids.
 
+use std::cell::Cell;
 use std::fmt;
 
-/// A `traceparent`: `00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`.
+/// A `traceparent`: `00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`, kept as ASCII
+/// hex in fixed arrays (no allocation per task).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceParent {
-    trace_id: String,
-    span_id: String,
-    flags: String,
+    trace_id: [u8; 32],
+    span_id: [u8; 16],
+    flags: [u8; 2],
 }
 
 impl TraceParent {
     /// A new trace.
     pub fn new_root() -> TraceParent {
+        let mut trace_id = [0; 32];
+        hex_into(&random_u64().to_be_bytes(), &mut trace_id[..16]);
+        hex_into(&random_u64().to_be_bytes(), &mut trace_id[16..]);
         TraceParent {
-            trace_id: uuid::Uuid::new_v4().simple().to_string(),
+            trace_id,
             span_id: new_span_id(),
-            flags: "01".into(),
+            flags: *b"01",
         }
     }
 
     /// The same trace, one hop further.
     pub fn child(&self) -> TraceParent {
         TraceParent {
-            trace_id: self.trace_id.clone(),
+            trace_id: self.trace_id,
             span_id: new_span_id(),
-            flags: self.flags.clone(),
+            flags: self.flags,
         }
     }
 
@@ -43,29 +49,85 @@ impl TraceParent {
             && hex(span_id, 16)
             && span_id.bytes().any(|b| b != b'0')
             && hex(flags, 2);
-        valid.then(|| TraceParent {
-            trace_id: trace_id.to_ascii_lowercase(),
-            span_id: span_id.to_ascii_lowercase(),
-            flags: flags.to_ascii_lowercase(),
-        })
+        if !valid {
+            return None;
+        }
+        let mut parsed = TraceParent {
+            trace_id: [0; 32],
+            span_id: [0; 16],
+            flags: [0; 2],
+        };
+        parsed.trace_id.copy_from_slice(trace_id.as_bytes());
+        parsed.span_id.copy_from_slice(span_id.as_bytes());
+        parsed.flags.copy_from_slice(flags.as_bytes());
+        for byte in parsed
+            .trace_id
+            .iter_mut()
+            .chain(&mut parsed.span_id)
+            .chain(&mut parsed.flags)
+        {
+            byte.make_ascii_lowercase();
+        }
+        Some(parsed)
     }
 
     /// The 32-digit trace id shared by every hop.
     pub fn trace_id(&self) -> &str {
-        &self.trace_id
+        std::str::from_utf8(&self.trace_id).unwrap_or_default()
     }
 }
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+        let text = |bytes: &[u8]| std::str::from_utf8(bytes).unwrap_or_default().to_owned();
+        write!(
+            f,
+            "00-{}-{}-{}",
+            text(&self.trace_id),
+            text(&self.span_id),
+            text(&self.flags)
+        )
     }
 }
 
-fn new_span_id() -> String {
-    let mut id = uuid::Uuid::new_v4().simple().to_string();
-    id.truncate(16);
-    id
+fn new_span_id() -> [u8; 16] {
+    let mut span = [0; 16];
+    hex_into(&random_u64().to_be_bytes(), &mut span);
+    span
+}
+
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+}
+
+/// 64 random bits from a per-thread generator (SplitMix64) seeded once from the OS, so that ids
+/// cost no system call per task. Not for secrets: ids only need to be unique.
+pub(crate) fn random_u64() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(u64::from_le_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]),
+        ));
+    }
+    STATE.with(|state| {
+        let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(next);
+        let mut z = next;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// A random (version 4) UUID from [`random_u64`].
+pub(crate) fn random_uuid() -> uuid::Uuid {
+    let mut bytes = [0; 16];
+    bytes[..8].copy_from_slice(&random_u64().to_le_bytes());
+    bytes[8..].copy_from_slice(&random_u64().to_le_bytes());
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
 #[cfg(test)]
@@ -80,12 +142,15 @@ mod tests {
         let child = root.child();
         assert_eq!(child.trace_id(), root.trace_id());
         assert_ne!(child.span_id, root.span_id);
+        assert_eq!(root.to_string().len(), 55);
     }
 
     #[test]
     fn rejects_malformed() {
-        assert!(
-            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").is_some()
+        let valid = TraceParent::parse("00-0AF7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(
+            valid.unwrap().trace_id(),
+            "0af7651916cd43dd8448eb211c80319c"
         );
         assert!(
             TraceParent::parse("00-00000000000000000000000000000000-b7ad6b7169203331-01").is_none()
@@ -94,5 +159,12 @@ mod tests {
             TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033-01").is_none()
         );
         assert!(TraceParent::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn random_ids_are_distinct_uuids() {
+        let ids: std::collections::BTreeSet<_> = (0..1000).map(|_| random_uuid()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(|id| id.get_version_num() == 4));
     }
 }

@@ -22,11 +22,14 @@
 //! | `task` | string | the task name; absent: the queue's only task (as aio-pika sends) |
 //! | `wire` | integer | wire version, `1` |
 //! | `signature` | string | 16 hex digits fingerprinting argument and result types; absent: not checked |
-//! | `attempt` | integer | 1 for the first run, incremented by retries |
+//! | `attempt` | integer | incremented by retries; absent: 1 |
 //! | `deadline` | integer | absolute deadline, Unix milliseconds; a worker does not start work past it |
 //! | `eta` | integer | not before, Unix milliseconds |
-//! | `root_id`, `parent_id` | string | task ids of the chain of tasks that caused this one |
-//! | `traceparent` | string | W3C trace context |
+//! | `root_id`, `parent_id` | string | task ids of the chain of tasks that caused this one; absent: this task is the root |
+//! | `traceparent` | string | W3C trace context of the task that sent this one; absent: the worker starts a trace |
+//!
+//! Headers that would only repeat a default are left out: every header costs the sender, the
+//! broker and the worker on every message. Integers may come in any AMQP integer type.
 //! | `errors` | array of strings | the errors of earlier attempts (set by retries) |
 //! | `redeliveries` | integer | how often the broker redelivered it (set by workers; see below) |
 //! | `delay_bucket` | string | routes a delayed message to its bucket queue ([`topology`](crate::topology)) |
@@ -282,7 +285,9 @@ pub(crate) struct TaskHeaders {
 
 impl TaskHeaders {
     pub fn to_table(&self) -> FieldTable {
-        self.write_into(FieldTable::default())
+        let mut table = FieldTable::default();
+        self.insert_into(&mut table);
+        table
     }
 
     /// These headers over `original`'s, keeping any header this format does not define.
@@ -290,7 +295,9 @@ impl TaskHeaders {
         let mut map = original.inner().clone();
         for key in [
             header::TASK,
+            header::WIRE,
             header::SIGNATURE,
+            header::ATTEMPT,
             header::ROOT_ID,
             header::PARENT_ID,
             header::TRACEPARENT,
@@ -303,20 +310,12 @@ impl TaskHeaders {
             map.remove(key);
         }
         let mut table = FieldTable::from(map);
-        if !self.errors.is_empty() {
-            let errors: Vec<AMQPValue> = self
-                .errors
-                .iter()
-                .map(|e| AMQPValue::LongString(e.as_str().into()))
-                .collect();
-            table.insert(header::ERRORS.into(), AMQPValue::FieldArray(errors.into()));
-        }
-        if self.redeliveries > 0 {
-            table.insert(
-                header::REDELIVERIES.into(),
-                AMQPValue::LongLongInt(i64::from(self.redeliveries)),
-            );
-        }
+        self.insert_into(&mut table);
+        table
+    }
+
+    /// Every header brokers and workers pay for, per message, so a default is left out.
+    fn insert_into(&self, table: &mut FieldTable) {
         let mut string = |key: &str, value: &Option<String>| {
             if let Some(value) = value {
                 table.insert(key.into(), AMQPValue::LongString(value.as_str().into()));
@@ -327,14 +326,14 @@ impl TaskHeaders {
         string(header::ROOT_ID, &self.root_id);
         string(header::PARENT_ID, &self.parent_id);
         string(header::TRACEPARENT, &self.traceparent);
+        let wire = self.wire.unwrap_or(WIRE_VERSION);
         table.insert(
             header::WIRE.into(),
-            AMQPValue::LongLongInt(self.wire.unwrap_or(WIRE_VERSION)),
+            u8::try_from(wire).map_or(AMQPValue::LongLongInt(wire), AMQPValue::ShortShortUInt),
         );
-        table.insert(
-            header::ATTEMPT.into(),
-            AMQPValue::LongLongInt(i64::from(self.attempt.max(1))),
-        );
+        if self.attempt > 1 {
+            table.insert(header::ATTEMPT.into(), AMQPValue::LongUInt(self.attempt));
+        }
         for (key, value) in [
             (header::DEADLINE, self.deadline_ms),
             (header::ETA, self.eta_ms),
@@ -346,7 +345,20 @@ impl TaskHeaders {
                 );
             }
         }
-        table
+        if !self.errors.is_empty() {
+            let errors: Vec<AMQPValue> = self
+                .errors
+                .iter()
+                .map(|e| AMQPValue::LongString(e.as_str().into()))
+                .collect();
+            table.insert(header::ERRORS.into(), AMQPValue::FieldArray(errors.into()));
+        }
+        if self.redeliveries > 0 {
+            table.insert(
+                header::REDELIVERIES.into(),
+                AMQPValue::LongUInt(self.redeliveries),
+            );
+        }
     }
 
     /// Reads what it can; headers of the wrong type count as absent.
@@ -544,7 +556,16 @@ mod tests {
         let map = rewritten.inner();
         assert!(map.contains_key("x-custom"));
         assert!(!map.contains_key("eta") && !map.contains_key("delay_bucket"));
-        assert_eq!(map.get("attempt"), Some(&AMQPValue::LongLongInt(2)));
+        assert_eq!(map.get("attempt"), Some(&AMQPValue::LongUInt(2)));
+        let first = TaskHeaders {
+            attempt: 1,
+            ..TaskHeaders::default()
+        }
+        .to_table();
+        assert!(
+            !first.contains_key("attempt"),
+            "a first attempt is the default"
+        );
     }
 
     #[test]

@@ -558,7 +558,7 @@ impl Backoff {
     fn next(&mut self) -> Duration {
         let base = 100u64.saturating_mul(1 << self.attempt.min(6)).min(5_000);
         self.attempt += 1;
-        let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * base / 1024;
+        let jitter = (crate::trace::random_u64() & 0xff) * base / 1024;
         Duration::from_millis(base + jitter)
     }
 }

@@ -206,7 +206,7 @@ async fn judge_and_run(
     let ctx = Context::new(ContextParts {
         client: shared.client.clone(),
         task_id,
-        task_name: task.name().to_owned(),
+        task_name: task.name(),
         attempt: headers.attempt,
         redelivered: delivery.redelivered || headers.redeliveries > 0,
         deadline,
@@ -295,7 +295,7 @@ fn next_attempt(task: &Registration, mut headers: TaskHeaders, error: &str) -> O
 
 /// `base` × a random factor in [0.8, 1.2].
 fn jittered(base: Duration) -> Duration {
-    let random = u32::from(uuid::Uuid::new_v4().as_bytes()[0]); // 0..=255
+    let random = (crate::trace::random_u64() & 0xff) as u32; // 0..=255
     base.mul_f64(0.8 + 0.4 * f64::from(random) / 255.0)
 }
 
@@ -383,7 +383,10 @@ async fn carry_out(
             codec,
             dead_letter,
         } => respond(shared, queue, delivery, reply, codec, dead_letter).await,
-        Verdict::Forward { headers, why } => forward(shared, queue, delivery, headers, why).await,
+        // Boxed: rare paths, kept out of the future every delivery allocates.
+        Verdict::Forward { headers, why } => {
+            Box::pin(forward(shared, queue, delivery, headers, why)).await
+        }
     }
 }
 
@@ -426,7 +429,7 @@ async fn respond(
         }
     }
     if let Some((kind, message)) = dead_letter
-        && let Err(error) = dead_letter_it(shared, queue, delivery, kind, &message).await
+        && let Err(error) = Box::pin(dead_letter_it(shared, queue, delivery, kind, &message)).await
     {
         tracing::error!(%error, queue = %queue.name, "could not dead-letter a message; returning it to its queue");
         return Settle::Requeue(delivery.delivery_tag);
