@@ -6,7 +6,7 @@ use crate::codec::Codec;
 use crate::context::Context;
 use crate::error::CallError;
 use crate::task::{Origin, TaskId};
-use crate::wire::{self, ErrorKind, TaskHeaders};
+use crate::wire::{self, ErrorKind, HeaderFields};
 use lapin::BasicProperties;
 use serde::de::DeserializeOwned;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -149,17 +149,17 @@ fn envelope(
 ) -> BasicProperties {
     // A root task sends no root id (it is its own) and no trace (the worker starts one).
     let parent = origin.parent;
-    let headers = TaskHeaders {
-        task: Some(out.name.to_owned()),
-        wire: Some(wire::WIRE_VERSION),
-        signature: out.signature.map(str::to_owned),
+    let traceparent = parent.map(|p| p.trace().child().to_string());
+    let headers = HeaderFields {
+        task: Some(out.name),
+        signature: out.signature,
         attempt: 1,
         deadline_ms,
         eta_ms,
-        root_id: parent.map(|p| p.root_id().to_string()),
-        parent_id: parent.map(|p| p.task_id().to_string()),
-        traceparent: parent.map(|p| p.trace().child().to_string()),
-        ..TaskHeaders::default()
+        root_id: parent.map(|p| p.root_id().as_str()),
+        parent_id: parent.map(|p| p.task_id().as_str()),
+        traceparent: traceparent.as_deref(),
+        ..HeaderFields::default()
     };
     BasicProperties::default()
         .with_message_id(wire::short(out.id.as_str()))

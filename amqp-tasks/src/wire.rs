@@ -20,7 +20,7 @@
 //! | header | type | meaning |
 //! |---|---|---|
 //! | `task` | string | the task name; absent: the queue's only task (as aio-pika sends) |
-//! | `wire` | integer | wire version, `1` |
+//! | `wire` | integer | wire version; absent: `1` |
 //! | `signature` | string | 16 hex digits fingerprinting argument and result types; absent: not checked |
 //! | `attempt` | integer | incremented by retries; absent: 1 |
 //! | `deadline` | integer | absolute deadline, Unix milliseconds; a worker does not start work past it |
@@ -284,6 +284,7 @@ pub(crate) struct TaskHeaders {
 }
 
 impl TaskHeaders {
+    #[cfg(test)]
     pub fn to_table(&self) -> FieldTable {
         let mut table = FieldTable::default();
         self.insert_into(&mut table);
@@ -314,23 +315,98 @@ impl TaskHeaders {
         table
     }
 
-    /// Every header brokers and workers pay for, per message, so a default is left out.
     fn insert_into(&self, table: &mut FieldTable) {
-        let mut string = |key: &str, value: &Option<String>| {
-            if let Some(value) = value {
-                table.insert(key.into(), AMQPValue::LongString(value.as_str().into()));
-            }
+        HeaderFields {
+            task: self.task.as_deref(),
+            wire: self.wire,
+            signature: self.signature.as_deref(),
+            attempt: self.attempt,
+            deadline_ms: self.deadline_ms,
+            eta_ms: self.eta_ms,
+            root_id: self.root_id.as_deref(),
+            parent_id: self.parent_id.as_deref(),
+            traceparent: self.traceparent.as_deref(),
+            errors: &self.errors,
+            redeliveries: self.redeliveries,
+        }
+        .insert_into(table);
+    }
+
+    /// Reads what it can; headers of the wrong type count as absent.
+    pub fn from_table(table: Option<&FieldTable>) -> TaskHeaders {
+        let mut headers = TaskHeaders {
+            attempt: 1,
+            ..TaskHeaders::default()
         };
-        string(header::TASK, &self.task);
-        string(header::SIGNATURE, &self.signature);
-        string(header::ROOT_ID, &self.root_id);
-        string(header::PARENT_ID, &self.parent_id);
-        string(header::TRACEPARENT, &self.traceparent);
-        let wire = self.wire.unwrap_or(WIRE_VERSION);
-        table.insert(
-            header::WIRE.into(),
-            u8::try_from(wire).map_or(AMQPValue::LongLongInt(wire), AMQPValue::ShortShortUInt),
-        );
+        // One pass over the (few) headers present, rather than a lookup per known key.
+        for (key, value) in table.into_iter().flatten() {
+            let unsigned = || value_i64(value).and_then(|n| u64::try_from(n).ok());
+            let small = || value_i64(value).and_then(|n| u32::try_from(n).ok());
+            match key.as_str() {
+                header::TASK => headers.task = value_string(value),
+                header::WIRE => headers.wire = value_i64(value),
+                header::SIGNATURE => headers.signature = value_string(value),
+                header::ATTEMPT => headers.attempt = small().unwrap_or(1).max(1),
+                header::DEADLINE => headers.deadline_ms = unsigned(),
+                header::ETA => headers.eta_ms = unsigned(),
+                header::ROOT_ID => headers.root_id = value_string(value),
+                header::PARENT_ID => headers.parent_id = value_string(value),
+                header::TRACEPARENT => headers.traceparent = value_string(value),
+                header::ERRORS => {
+                    if let AMQPValue::FieldArray(errors) = value {
+                        headers.errors =
+                            errors.as_slice().iter().filter_map(value_string).collect();
+                    }
+                }
+                header::REDELIVERIES => headers.redeliveries = small().unwrap_or(0),
+                header::DELIVERY_COUNT => headers.delivery_count = small(),
+                _ => {}
+            }
+        }
+        headers
+    }
+}
+
+/// The headers of an outgoing task, borrowed: what a sender writes without copying its strings
+/// first.
+#[derive(Default)]
+pub(crate) struct HeaderFields<'a> {
+    pub task: Option<&'a str>,
+    pub wire: Option<i64>,
+    pub signature: Option<&'a str>,
+    pub attempt: u32,
+    pub deadline_ms: Option<u64>,
+    pub eta_ms: Option<u64>,
+    pub root_id: Option<&'a str>,
+    pub parent_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+    pub errors: &'a [String],
+    pub redeliveries: u32,
+}
+
+impl HeaderFields<'_> {
+    pub fn to_table(&self) -> FieldTable {
+        let mut table = FieldTable::default();
+        self.insert_into(&mut table);
+        table
+    }
+
+    /// Every header costs the broker and both ends on every message: a default is left out.
+    fn insert_into(&self, table: &mut FieldTable) {
+        for (key, value) in [
+            (header::TASK, self.task),
+            (header::SIGNATURE, self.signature),
+            (header::ROOT_ID, self.root_id),
+            (header::PARENT_ID, self.parent_id),
+            (header::TRACEPARENT, self.traceparent),
+        ] {
+            if let Some(value) = value {
+                table.insert(key.into(), AMQPValue::LongString(value.into()));
+            }
+        }
+        if let Some(wire) = self.wire.filter(|wire| *wire != WIRE_VERSION) {
+            table.insert(header::WIRE.into(), AMQPValue::LongLongInt(wire));
+        }
         if self.attempt > 1 {
             table.insert(header::ATTEMPT.into(), AMQPValue::LongUInt(self.attempt));
         }
@@ -358,49 +434,6 @@ impl TaskHeaders {
                 header::REDELIVERIES.into(),
                 AMQPValue::LongUInt(self.redeliveries),
             );
-        }
-    }
-
-    /// Reads what it can; headers of the wrong type count as absent.
-    pub fn from_table(table: Option<&FieldTable>) -> TaskHeaders {
-        let Some(table) = table else {
-            return TaskHeaders {
-                attempt: 1,
-                ..TaskHeaders::default()
-            };
-        };
-        let get = |key: &str| table.inner().get(key);
-        TaskHeaders {
-            task: get(header::TASK).and_then(value_string),
-            wire: get(header::WIRE).and_then(value_i64),
-            signature: get(header::SIGNATURE).and_then(value_string),
-            attempt: get(header::ATTEMPT)
-                .and_then(value_i64)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(1)
-                .max(1),
-            deadline_ms: get(header::DEADLINE)
-                .and_then(value_i64)
-                .and_then(|n| u64::try_from(n).ok()),
-            eta_ms: get(header::ETA)
-                .and_then(value_i64)
-                .and_then(|n| u64::try_from(n).ok()),
-            root_id: get(header::ROOT_ID).and_then(value_string),
-            parent_id: get(header::PARENT_ID).and_then(value_string),
-            traceparent: get(header::TRACEPARENT).and_then(value_string),
-            errors: match get(header::ERRORS) {
-                Some(AMQPValue::FieldArray(errors)) => {
-                    errors.as_slice().iter().filter_map(value_string).collect()
-                }
-                _ => Vec::new(),
-            },
-            redeliveries: get(header::REDELIVERIES)
-                .and_then(value_i64)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
-            delivery_count: get(header::DELIVERY_COUNT)
-                .and_then(value_i64)
-                .and_then(|n| u32::try_from(n).ok()),
         }
     }
 }
@@ -527,7 +560,7 @@ mod tests {
     fn headers_round_trip() {
         let headers = TaskHeaders {
             task: Some("math.div".into()),
-            wire: Some(1),
+            wire: Some(2),
             signature: Some("0123456789abcdef".into()),
             attempt: 2,
             deadline_ms: Some(1_700_000_000_000),
@@ -540,6 +573,15 @@ mod tests {
             delivery_count: None,
         };
         assert_eq!(TaskHeaders::from_table(Some(&headers.to_table())), headers);
+        // Defaults are not written, and read back as defaults.
+        let first = TaskHeaders {
+            wire: Some(WIRE_VERSION),
+            attempt: 1,
+            ..TaskHeaders::default()
+        };
+        let table = first.to_table();
+        assert!(table.inner().is_empty(), "{table:?}");
+        assert_eq!(TaskHeaders::from_table(Some(&table)).attempt, 1);
     }
 
     #[test]

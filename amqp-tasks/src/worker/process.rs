@@ -402,26 +402,22 @@ async fn respond(
 ) -> Settle {
     let properties = &delivery.properties;
     if let Some(reply_to) = properties.reply_to() {
+        // Only what the caller reads: every property costs the broker and both ends.
         let mut reply = BasicProperties::default()
             .with_content_type(codec.content_type().into())
-            .with_type(kind.into())
-            .with_delivery_mode(1);
+            .with_type(kind.into());
         if let Some(correlation_id) = properties.correlation_id() {
             reply = reply.with_correlation_id(correlation_id.clone());
         }
-        if let Some(message_id) = properties.message_id() {
-            reply = reply.with_message_id(message_id.clone());
-        }
-        let published = queue
-            .channel
-            .basic_publish(
-                "".into(),
-                reply_to.clone(),
-                BasicPublishOptions::default(),
-                &body,
-                reply,
-            )
-            .await;
+        // Boxed: lapin's publish future is large, and a fire-and-forget task never needs it.
+        let published = Box::pin(queue.channel.basic_publish(
+            "".into(),
+            reply_to.clone(),
+            BasicPublishOptions::default(),
+            &body,
+            reply,
+        ))
+        .await;
         if let Err(error) = published {
             // The channel is gone: so is the unacked delivery, which the broker will redeliver.
             tracing::warn!(%error, "could not publish the reply");
