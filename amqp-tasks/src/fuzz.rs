@@ -63,7 +63,7 @@ proptest! {
     fn headers_never_panic_and_rewrite_stably(table in table()) {
         let headers = TaskHeaders::from_table(Some(&table));
         prop_assert!(headers.attempt >= 1);
-        let rewritten = headers.write_into(table);
+        let rewritten = headers.write_into(table.clone());
         let again = TaskHeaders::from_table(Some(&rewritten));
         prop_assert_eq!(again.attempt, headers.attempt);
         prop_assert_eq!(again.errors, headers.errors);

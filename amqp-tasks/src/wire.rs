@@ -140,6 +140,7 @@ use crate::codec::{Codec, CodecError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The wire version in the `wire` header.
 pub const WIRE_VERSION: i64 = 1;
@@ -267,23 +268,24 @@ impl ErrorKind {
 
 /// The headers of a task message.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct TaskHeaders {
-    pub task: Option<String>,
+pub(crate) struct TaskHeaders<'a> {
+    // Borrowed from the delivery where possible: read on every task, rarely kept.
+    pub task: Option<Cow<'a, str>>,
     pub wire: Option<i64>,
-    pub signature: Option<String>,
+    pub signature: Option<Cow<'a, str>>,
     pub attempt: u32,
     pub deadline_ms: Option<u64>,
     pub eta_ms: Option<u64>,
-    pub root_id: Option<String>,
-    pub parent_id: Option<String>,
-    pub traceparent: Option<String>,
+    pub root_id: Option<Cow<'a, str>>,
+    pub parent_id: Option<Cow<'a, str>>,
+    pub traceparent: Option<Cow<'a, str>>,
     pub errors: Vec<String>,
     pub redeliveries: u32,
     /// `x-delivery-count`, set by quorum queues (read only).
     pub delivery_count: Option<u32>,
 }
 
-impl TaskHeaders {
+impl<'a> TaskHeaders<'a> {
     #[cfg(test)]
     pub fn to_table(&self) -> FieldTable {
         let mut table = FieldTable::default();
@@ -333,7 +335,7 @@ impl TaskHeaders {
     }
 
     /// Reads what it can; headers of the wrong type count as absent.
-    pub fn from_table(table: Option<&FieldTable>) -> TaskHeaders {
+    pub fn from_table(table: Option<&'a FieldTable>) -> TaskHeaders<'a> {
         let mut headers = TaskHeaders {
             attempt: 1,
             ..TaskHeaders::default()
@@ -343,15 +345,15 @@ impl TaskHeaders {
             let unsigned = || value_i64(value).and_then(|n| u64::try_from(n).ok());
             let small = || value_i64(value).and_then(|n| u32::try_from(n).ok());
             match key.as_str() {
-                header::TASK => headers.task = value_string(value),
+                header::TASK => headers.task = value_str(value),
                 header::WIRE => headers.wire = value_i64(value),
-                header::SIGNATURE => headers.signature = value_string(value),
+                header::SIGNATURE => headers.signature = value_str(value),
                 header::ATTEMPT => headers.attempt = small().unwrap_or(1).max(1),
                 header::DEADLINE => headers.deadline_ms = unsigned(),
                 header::ETA => headers.eta_ms = unsigned(),
-                header::ROOT_ID => headers.root_id = value_string(value),
-                header::PARENT_ID => headers.parent_id = value_string(value),
-                header::TRACEPARENT => headers.traceparent = value_string(value),
+                header::ROOT_ID => headers.root_id = value_str(value),
+                header::PARENT_ID => headers.parent_id = value_str(value),
+                header::TRACEPARENT => headers.traceparent = value_str(value),
                 header::ERRORS => {
                     if let AMQPValue::FieldArray(errors) = value {
                         headers.errors =
@@ -435,6 +437,15 @@ impl HeaderFields<'_> {
                 AMQPValue::LongUInt(self.redeliveries),
             );
         }
+    }
+}
+
+/// A string header, borrowed when it is valid UTF-8.
+pub(crate) fn value_str(value: &AMQPValue) -> Option<Cow<'_, str>> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => Some(Cow::Borrowed(s.as_str())),
+        _ => None,
     }
 }
 

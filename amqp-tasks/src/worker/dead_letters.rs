@@ -138,7 +138,7 @@ fn fresh(queue: &str, original: &BasicProperties) -> (String, BasicProperties) {
     headers.eta_ms = None;
     headers.errors.clear();
     headers.redeliveries = 0;
-    let mut map = headers.write_into(table).inner().clone();
+    let mut map = headers.write_into(table.clone()).inner().clone();
     for key in [
         header::DEAD_REASON,
         header::DEAD_ERROR,
@@ -202,7 +202,7 @@ fn describe(message: &BasicGetMessage) -> DeadLetter {
             .as_ref()
             .map(|id| id.as_str().to_owned())
             .unwrap_or_default(),
-        task: headers.task.clone().unwrap_or_default(),
+        task: headers.task.as_deref().unwrap_or_default().to_owned(),
         reason: text(header::DEAD_REASON),
         error: text(header::DEAD_ERROR),
         dead_at: table

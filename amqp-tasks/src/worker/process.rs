@@ -22,7 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// What to do with a delivery once it was looked at (and maybe run).
-enum Verdict {
+enum Verdict<'a> {
     /// Answer it (where a reply is asked for), dead-letter it if due, ack it.
     Answer {
         /// The reply type and body, in `codec`.
@@ -33,13 +33,13 @@ enum Verdict {
     /// Publish a copy with these headers (through the delay queues if its eta is ahead), then
     /// ack the original.
     Forward {
-        headers: TaskHeaders,
+        headers: TaskHeaders<'a>,
         why: &'static str,
     },
 }
 
-impl Verdict {
-    fn failure(codec: Codec, kind: ErrorKind, message: String, dead_letter: bool) -> Verdict {
+impl Verdict<'_> {
+    fn failure(codec: Codec, kind: ErrorKind, message: String, dead_letter: bool) -> Self {
         let reply = ErrorReply::new(kind, &kind.type_name(), message.clone(), None::<()>);
         let body = codec
             .encode(&reply)
@@ -74,12 +74,12 @@ pub(super) async fn handle(
     }
 }
 
-async fn judge_and_run(
+async fn judge_and_run<'a>(
     shared: &Shared,
     queue: &QueueState,
-    delivery: &Delivery,
+    delivery: &'a Delivery,
     permit: OwnedSemaphorePermit,
-) -> Verdict {
+) -> Verdict<'a> {
     let properties = &delivery.properties;
     let headers = TaskHeaders::from_table(properties.headers().as_ref());
     let id = properties
@@ -210,8 +210,8 @@ async fn judge_and_run(
         attempt: headers.attempt,
         redelivered: delivery.redelivered || headers.redeliveries > 0,
         deadline,
-        root_id: headers.root_id.clone().map(TaskId::from),
-        parent_id: headers.parent_id.clone().map(TaskId::from),
+        root_id: headers.root_id.as_deref().map(TaskId::from),
+        parent_id: headers.parent_id.as_deref().map(TaskId::from),
         trace: trace.clone(),
         slot: Some(slot.clone()),
     });
@@ -274,7 +274,11 @@ async fn judge_and_run(
 
 /// A retry of a failed attempt, if the task has attempts left and its next one can start before
 /// the caller's deadline.
-fn next_attempt(task: &Registration, mut headers: TaskHeaders, error: &str) -> Option<Verdict> {
+fn next_attempt<'a>(
+    task: &Registration,
+    mut headers: TaskHeaders<'a>,
+    error: &str,
+) -> Option<Verdict<'a>> {
     let attempt = headers.attempt;
     if attempt > task.retries() {
         return None;
@@ -301,14 +305,14 @@ fn jittered(base: Duration) -> Duration {
 
 /// A message redelivered by the broker may be one that kills its worker: count it, and past
 /// the limit dead-letter it instead of running it again.
-fn count_redelivery(
+fn count_redelivery<'a>(
     shared: &Shared,
     queue: &QueueState,
     delivery: &Delivery,
-    headers: &TaskHeaders,
+    headers: &TaskHeaders<'a>,
     codec: Option<Codec>,
     id: &str,
-) -> Option<Verdict> {
+) -> Option<Verdict<'a>> {
     let limit = shared.settings.max_redeliveries;
     let (count, counted_by_broker) = match headers.delivery_count {
         // Quorum queues count every return themselves.
@@ -355,7 +359,7 @@ fn refuse(
     codec: Codec,
     kind: ErrorKind,
     message: String,
-) -> Verdict {
+) -> Verdict<'static> {
     tracing::warn!(queue = %queue.name, task, id, reason = kind.as_str(), error = %message, "message refused; dead-lettering it");
     Verdict::failure(codec, kind, message, true)
 }
@@ -375,7 +379,7 @@ async fn carry_out(
     shared: &Shared,
     queue: &QueueState,
     delivery: &Delivery,
-    verdict: Verdict,
+    verdict: Verdict<'_>,
 ) -> Settle {
     match verdict {
         Verdict::Answer {
@@ -439,7 +443,7 @@ async fn forward(
     shared: &Shared,
     queue: &QueueState,
     delivery: &Delivery,
-    headers: TaskHeaders,
+    headers: TaskHeaders<'_>,
     why: &'static str,
 ) -> Settle {
     let original = &delivery.properties;
