@@ -758,8 +758,11 @@ async fn route_replies(
     mut consumer: Consumer,
     mut lost: watch::Receiver<Option<String>>,
 ) {
+    let ended = lost.wait_for(Option::is_some);
+    tokio::pin!(ended);
     loop {
         tokio::select! {
+            biased;
             item = next(&mut consumer) => {
                 let Some(session) = session.upgrade() else { return };
                 match item {
@@ -768,7 +771,7 @@ async fn route_replies(
                     None => return session.mark_lost("the reply consumer was cancelled".to_owned()),
                 }
             }
-            _ = lost.wait_for(Option::is_some) => return,
+            _ = &mut ended => return,
         }
     }
 }

@@ -432,25 +432,32 @@ async fn consume(
         mut consumer,
         acker,
     } = consumer;
+    // One stop future for the whole loop, not a new registration per delivery.
+    let stopped = stop.wait_for(|stop| *stop);
+    tokio::pin!(stopped);
     let reason = loop {
         let delivery = tokio::select! {
             biased;
-            _ = stop.wait_for(|stop| *stop) => break None,
+            _ = &mut stopped => break None,
             item = next(&mut consumer) => match item {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(error)) => break Some(format!("consumer of `{}`: {error}", state.name)),
                 None => break Some(format!("the broker cancelled the consumer of `{}`", state.name)),
             },
         };
-        let permit = tokio::select! {
-            biased;
-            _ = stop.wait_for(|stop| *stop) => {
-                state.acks.send(Settle::Requeue(delivery.delivery_tag));
-                break None;
-            }
-            permit = shared.semaphore.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break None,
+        let permit = match shared.semaphore.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => break None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
+                biased;
+                _ = &mut stopped => {
+                    state.acks.send(Settle::Requeue(delivery.delivery_tag));
+                    break None;
+                }
+                permit = shared.semaphore.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break None,
+                },
             },
         };
         let guard = shared.in_flight.enter();

@@ -66,6 +66,7 @@ pub(super) async fn handle(
         carry_out(&shared, &queue, &delivery, verdict).await
     };
     tokio::select! {
+        biased;
         settle = work => queue.acks.send(settle),
         // Unsettled: the broker returns the delivery when the channel closes.
         _ = abandon.wait_for(|abandon| *abandon) => {
