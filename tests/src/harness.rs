@@ -128,6 +128,19 @@ impl TestEnv {
         )
     }
 
+    /// Runs a command to completion in this namespace: (exit code, stdout, stderr).
+    pub async fn run(&self, binary: &str, args: &[&str]) -> (i32, String, String) {
+        run_command(
+            binary,
+            args,
+            &[
+                ("AMQP_URL", &amqp_url()),
+                ("AMQP_TASKS_NAMESPACE", &self.namespace),
+            ],
+        )
+        .await
+    }
+
     /// A raw lapin channel, for messages a Rust stub would never send.
     pub async fn raw(&self) -> Raw {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -454,4 +467,38 @@ pub async fn run_command(
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Runs `n` calls at once, each in a task of its own with its own clone of `client`, and returns
+/// their results in order.
+pub async fn concurrently<T, F, Fut>(client: &Client, n: usize, call: F) -> Vec<T>
+where
+    F: Fn(Client, usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = (0..n)
+        .map(|i| tokio::spawn(call(client.clone(), i)))
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for handle in handles {
+        results.push(handle.await.expect("a concurrent call panicked"));
+    }
+    results
+}
+
+/// Delays a `touch` task that runs for `ms`, and waits until a worker has started it; returns its
+/// marker path (`<marker>.started`, then `<marker>.done` when it finishes).
+pub async fn touch_started(env: &TestEnv, client: &Client, name: &str, ms: u64) -> String {
+    let marker = env.path(name);
+    crate::tasks::touch::new(marker.clone(), ms)
+        .delay(client)
+        .await
+        .expect("delay touch");
+    let started = format!("{marker}.started");
+    eventually("the task to start", PATIENCE, || {
+        std::fs::metadata(&started).ok()
+    })
+    .await;
+    marker
 }

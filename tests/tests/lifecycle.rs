@@ -1,7 +1,9 @@
 //! A worker's life: start-up checks, `--list`, SIGKILL mid-task, SIGTERM drain, lost connections.
 
 use amqp_tasks::CallError;
-use amqp_tasks_tests::harness::{PATIENCE, TestEnv, WorkerProcess, bounded, eventually};
+use amqp_tasks_tests::harness::{
+    PATIENCE, TestEnv, WorkerProcess, bounded, concurrently, eventually, touch_started,
+};
 use amqp_tasks_tests::tasks::*;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -81,16 +83,7 @@ async fn a_worker_killed_mid_task_loses_nothing() {
     bounded(LIMIT, async {
         let mut first = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
         let client = env.client().await;
-        let marker = env.path("killed");
-        touch::new(marker.clone(), 2_000)
-            .delay(&client)
-            .await
-            .unwrap();
-        let started = format!("{marker}.started");
-        eventually("the task to start", PATIENCE, || {
-            std::fs::metadata(&started).ok()
-        })
-        .await;
+        let marker = touch_started(&env, &client, "killed", 2_000).await;
         first.signal("KILL");
         first.exit(PATIENCE).await;
         assert!(
@@ -138,17 +131,18 @@ async fn sigterm_drains_and_returns_unstarted_tasks() {
             .ready()
             .await;
         let client = env.client().await;
-        let calls: Vec<_> = (0..4)
-            .map(|_| {
-                let client = client.clone();
-                tokio::spawn(async move {
+        let calls = tokio::spawn({
+            let client = client.clone();
+            async move {
+                concurrently(&client, 4, |client, _| async move {
                     sleep_ms::new(700)
                         .timeout(Duration::from_secs(20))
                         .call(&client)
                         .await
                 })
-            })
-            .collect();
+                .await
+            }
+        });
         first.wait_for("task started").await;
         first.signal("TERM");
         let status = first.exit(PATIENCE).await;
@@ -171,9 +165,7 @@ async fn sigterm_drains_and_returns_unstarted_tasks() {
 
         // The prefetched ones went back to the queue, for the next worker.
         let _second = env.worker(WORKER, &["--tasks", "sleep_ms"]).ready().await;
-        for call in calls {
-            assert_eq!(call.await.unwrap(), Ok(700));
-        }
+        assert_eq!(calls.await.unwrap(), vec![Ok(700); 4]);
     })
     .await;
 }
@@ -206,16 +198,7 @@ async fn a_grace_period_that_runs_out_exits_non_zero_and_loses_nothing() {
             .ready()
             .await;
         let client = env.client().await;
-        let marker = env.path("grace");
-        touch::new(marker.clone(), 3_000)
-            .delay(&client)
-            .await
-            .unwrap();
-        let started = format!("{marker}.started");
-        eventually("the task to start", PATIENCE, || {
-            std::fs::metadata(&started).ok()
-        })
-        .await;
+        let marker = touch_started(&env, &client, "grace", 3_000).await;
         let asked = Instant::now();
         first.signal("TERM");
         let status = first.exit(PATIENCE).await;

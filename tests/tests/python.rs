@@ -8,7 +8,8 @@
 
 use amqp_tasks::{CallError, task};
 use amqp_tasks_tests::harness::{
-    PATIENCE, TestEnv, WorkerProcess, amqp_url, bounded, eventually_async, rabbitmqctl, run_command,
+    PATIENCE, TestEnv, WorkerProcess, amqp_url, bounded, concurrently, eventually_async,
+    rabbitmqctl,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -338,14 +339,12 @@ async fn rust_stubs_call_python_json_rpc_functions() {
 
         assert_eq!(multiply::new(6, 7).call(&client).await, Ok(42));
         assert_eq!(divide::new(1.0, 4.0).call(&client).await, Ok(0.25));
-        let calls: Vec<_> = (0..20)
-            .map(|i| {
-                let client = client.clone();
-                tokio::spawn(async move { multiply::new(i, 3).call(&client).await })
-            })
-            .collect();
-        for (i, call) in calls.into_iter().enumerate() {
-            assert_eq!(call.await.unwrap(), Ok(3 * i as i64));
+        let products = concurrently(&client, 20, |client, i| async move {
+            multiply::new(i as i64, 3).call(&client).await
+        })
+        .await;
+        for (i, product) in products.into_iter().enumerate() {
+            assert_eq!(product, Ok(3 * i as i64));
         }
 
         // A Python exception: its class name and aio-pika's message (the exception's repr).
@@ -410,13 +409,5 @@ async fn rust_stubs_call_python_json_rpc_functions() {
 
 /// Runs the shell client in the test's namespace: (exit code, stdout, stderr).
 async fn shell(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
-    run_command(
-        SHELL,
-        args,
-        &[
-            ("AMQP_URL", &amqp_url()),
-            ("AMQP_TASKS_NAMESPACE", &env.namespace),
-        ],
-    )
-    .await
+    env.run(SHELL, args).await
 }

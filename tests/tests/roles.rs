@@ -2,7 +2,7 @@
 //! processes serve.
 
 use amqp_tasks::{CallError, Client, Worker, task};
-use amqp_tasks_tests::harness::{PATIENCE, TestEnv, bounded};
+use amqp_tasks_tests::harness::{PATIENCE, TestEnv, bounded, concurrently};
 use amqp_tasks_tests::tasks::*;
 use lapin::types::AMQPValue;
 use std::time::Duration;
@@ -33,12 +33,12 @@ async fn delay_and_call_through_a_worker() {
         .await;
 
         // Concurrent calls on one client are answered independently.
-        let calls = (0..50).map(|i| {
-            let client = client.clone();
-            tokio::spawn(async move { add::new(i, i).call(&client).await })
-        });
-        for (i, call) in calls.enumerate() {
-            assert_eq!(call.await.unwrap(), Ok(2 * i as i64));
+        let sums = concurrently(&client, 50, |client, i| async move {
+            add::new(i as i64, i as i64).call(&client).await
+        })
+        .await;
+        for (i, sum) in sums.into_iter().enumerate() {
+            assert_eq!(sum, Ok(2 * i as i64));
         }
     })
     .await;
@@ -167,20 +167,14 @@ async fn a_relay_calling_its_own_process_does_not_deadlock() {
             .ready()
             .await;
         let client = env.client().await;
-        let calls: Vec<_> = (0..4)
-            .map(|_| {
-                let client = client.clone();
-                tokio::spawn(async move {
-                    relay_sum::new(5)
-                        .timeout(Duration::from_secs(20))
-                        .call(&client)
-                        .await
-                })
-            })
-            .collect();
-        for call in calls {
-            assert_eq!(call.await.unwrap(), Ok(10));
-        }
+        let sums = concurrently(&client, 4, |client, _| async move {
+            relay_sum::new(5)
+                .timeout(Duration::from_secs(20))
+                .call(&client)
+                .await
+        })
+        .await;
+        assert!(sums.iter().all(|sum| *sum == Ok(10)), "{sums:?}");
     })
     .await;
 }
@@ -197,21 +191,15 @@ async fn concurrency_is_bounded_across_queues() {
             .ready()
             .await;
         let client = env.client().await;
-        let mut calls = Vec::new();
-        for i in 0..24 {
-            let client = client.clone();
-            calls.push(tokio::spawn(async move {
-                if i % 2 == 0 {
-                    probe_a::new(100).call(&client).await
-                } else {
-                    probe_b::new(100).call(&client).await
-                }
-            }));
-        }
-        let mut most = 0;
-        for call in calls {
-            most = most.max(call.await.unwrap().expect("probe"));
-        }
+        let probes = concurrently(&client, 24, |client, i| async move {
+            if i % 2 == 0 {
+                probe_a::new(100).call(&client).await
+            } else {
+                probe_b::new(100).call(&client).await
+            }
+        })
+        .await;
+        let most = probes.into_iter().map(|p| p.expect("probe")).max().unwrap();
         assert_eq!(
             most, 3,
             "at most 3 tasks ran at once in the process, and 3 did"
@@ -233,16 +221,14 @@ async fn competing_workers_share_a_queue() {
             .ready()
             .await;
         let client = env.client().await;
-        let calls: Vec<_> = (0..16)
-            .map(|_| {
-                let client = client.clone();
-                tokio::spawn(async move { whoami::new(100).call(&client).await })
+        let pids: std::collections::BTreeSet<u32> =
+            concurrently(&client, 16, |client, _| async move {
+                whoami::new(100).call(&client).await
             })
+            .await
+            .into_iter()
+            .map(|pid| pid.expect("whoami"))
             .collect();
-        let mut pids = std::collections::BTreeSet::new();
-        for call in calls {
-            pids.insert(call.await.unwrap().expect("whoami"));
-        }
         assert_eq!(pids, [first.pid(), second.pid()].into_iter().collect());
     })
     .await;

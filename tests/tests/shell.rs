@@ -1,9 +1,7 @@
 //! The `amqp-tasks` shell client as a process (`test-shell` runs the same code) against a
 //! `test-worker` process: results on stdout, errors on stderr, an exit code per kind of failure.
 
-use amqp_tasks_tests::harness::{
-    PATIENCE, TestEnv, amqp_url, bounded, eventually, eventually_async, run_command,
-};
+use amqp_tasks_tests::harness::{PATIENCE, TestEnv, bounded, eventually, eventually_async};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -13,15 +11,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Runs the shell client in the test's namespace: (exit code, stdout, stderr).
 async fn shell(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
-    run_command(
-        SHELL,
-        args,
-        &[
-            ("AMQP_URL", &amqp_url()),
-            ("AMQP_TASKS_NAMESPACE", &env.namespace),
-        ],
-    )
-    .await
+    env.run(SHELL, args).await
 }
 
 #[tokio::test]
