@@ -50,7 +50,10 @@ async fn a_task_that_fails_twice_then_succeeds_is_retried_with_backoff() {
         let first = runs[1].2 - runs[0].2;
         let second = runs[2].2 - runs[1].2;
         println!("retry delays: {first} ms and {second} ms (backoff 300 ms, then 600 ms)");
-        assert!((140..=1_200).contains(&first), "first retry after {first} ms");
+        assert!(
+            (140..=1_200).contains(&first),
+            "first retry after {first} ms"
+        );
         assert!(
             (380..=1_800).contains(&second),
             "second retry after {second} ms (first after {first} ms)"
