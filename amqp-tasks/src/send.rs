@@ -239,3 +239,74 @@ pub(crate) fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ErrorReply;
+
+    fn reply(codec: Codec, kind: ErrorKind) -> Reply {
+        let body = ErrorReply::new(kind, &kind.type_name(), "why".to_owned(), None::<()>);
+        Reply {
+            kind: Some(wire::TYPE_ERROR.to_owned()),
+            content_type: Some(codec.content_type().to_owned()),
+            body: codec.encode(&body).unwrap(),
+        }
+    }
+
+    #[test]
+    fn error_replies_of_either_codec_become_their_call_errors() {
+        let why = || "why".to_owned();
+        let cases: [(ErrorKind, CallError<String>); 11] = [
+            (ErrorKind::UnknownTask, CallError::UnknownTask(why())),
+            (ErrorKind::BadPayload, CallError::BadPayload(why())),
+            (
+                ErrorKind::SignatureMismatch,
+                CallError::SignatureMismatch(why()),
+            ),
+            (ErrorKind::Panicked, CallError::Panicked(why())),
+            (ErrorKind::TimeLimit, CallError::TimeLimit(why())),
+            (ErrorKind::Deadline, CallError::Timeout),
+            (
+                ErrorKind::UnsupportedContentType,
+                CallError::Rejected(why()),
+            ),
+            (ErrorKind::TooLarge, CallError::Rejected(why())),
+            (ErrorKind::TooManyRedeliveries, CallError::Rejected(why())),
+            (ErrorKind::BadResult, CallError::BadReply(why())),
+            // A task error without its value (another language's service) is remote.
+            (
+                ErrorKind::Task,
+                CallError::Remote {
+                    kind: "Task".to_owned(),
+                    message: why(),
+                },
+            ),
+        ];
+        for codec in [Codec::Bincode, Codec::Json] {
+            for (kind, expected) in &cases {
+                let decoded = decode_reply::<i64, String>(reply(codec, *kind), codec);
+                assert_eq!(decoded.as_ref(), Err(expected), "{codec:?} {kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_typed_task_error_arrives_intact_in_bincode() {
+        let body = ErrorReply::new(
+            ErrorKind::Task,
+            "DivError",
+            "division by zero".to_owned(),
+            Some("ByZero".to_owned()),
+        );
+        let reply = Reply {
+            kind: Some(wire::TYPE_ERROR.to_owned()),
+            content_type: Some(Codec::Bincode.content_type().to_owned()),
+            body: Codec::Bincode.encode(&body).unwrap(),
+        };
+        assert_eq!(
+            decode_reply::<i64, String>(reply, Codec::Bincode),
+            Err(CallError::Task("ByZero".to_owned()))
+        );
+    }
+}

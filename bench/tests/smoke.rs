@@ -31,10 +31,17 @@ fn every_scenario_runs_in_smoke_mode_and_cleans_up() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the bench");
+    // Both streams are read while the bench runs: a chatty run must not block on a full pipe.
     let mut stdout = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let mut stderr = child.stderr.take().expect("stderr");
+    let errors_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
         text
     });
     let started = Instant::now();
@@ -50,10 +57,7 @@ fn every_scenario_runs_in_smoke_mode_and_cleans_up() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let output = reader.join().expect("stdout reader");
-    let mut errors = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = stderr.read_to_string(&mut errors);
-    }
+    let errors = errors_reader.join().expect("stderr reader");
     assert!(
         status.success(),
         "the smoke run failed ({status}):\n{output}\n{errors}"

@@ -6,7 +6,7 @@ use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,9 +143,13 @@ impl TestEnv {
 
     /// A raw lapin channel, for messages a Rust stub would never send.
     pub async fn raw(&self) -> Raw {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect");
+        let connection = tokio::time::timeout(
+            PATIENCE,
+            Connection::connect(&amqp_url(), ConnectionProperties::default()),
+        )
+        .await
+        .expect("connecting to RabbitMQ timed out")
+        .expect("connect");
         let channel = connection.create_channel().await.expect("channel");
         Raw {
             _connection: connection,
@@ -153,22 +157,89 @@ impl TestEnv {
         }
     }
 
-    /// The number of messages in a queue of this namespace (passive declare).
+    /// The messages ready in a queue of this namespace (a passive declare: delivered but unacked
+    /// messages are not counted; see [`TestEnv::counts`]). Fails the test if the queue does not
+    /// exist: a missing queue is never an empty one.
     pub async fn depth(&self, queue: &str) -> u32 {
+        let name = self.queue(queue);
         let raw = self.raw().await;
-        raw.channel
-            .queue_declare(
-                self.queue(queue).as_str().into(),
+        let declared = tokio::time::timeout(
+            PATIENCE,
+            raw.channel.queue_declare(
+                name.as_str().into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
                 },
                 FieldTable::default(),
-            )
-            .await
-            .map(|q| q.message_count())
-            .unwrap_or(0)
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no answer to a passive declare of `{name}`"));
+        match declared {
+            Ok(queue) => queue.message_count(),
+            Err(error) => panic!("queue `{name}` cannot be inspected (does it exist?): {error}"),
+        }
     }
+
+    /// What the broker counts in a queue of this namespace: ready and unacknowledged messages
+    /// (through `rabbitmqctl`, which sees deliveries a consumer has not acked yet). Fails the
+    /// test if the queue does not exist.
+    pub async fn counts(&self, queue: &str) -> Counts {
+        let name = self.queue(queue);
+        let listing = rabbitmqctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .await;
+        listing
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                match fields.as_slice() {
+                    [queue, ready, unacked] if *queue == name => Some(Counts {
+                        ready: ready.trim().parse().expect("messages_ready"),
+                        unacked: unacked.trim().parse().expect("messages_unacknowledged"),
+                    }),
+                    _ => None,
+                }
+            })
+            .unwrap_or_else(|| panic!("queue `{name}` is not on the broker:\n{listing}"))
+    }
+
+    /// Waits until every message of a queue of this namespace has been acked: nothing ready,
+    /// nothing delivered and unacknowledged. A worker publishes a dead letter (and waits for its
+    /// confirm) before it acks the original, so once the task queue is settled, its `.dlq`
+    /// holds every dead letter the worker will write for it.
+    pub async fn settled(&self, queue: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let counts = self.counts(queue).await;
+            if counts == (Counts::default()) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "queue `{}` did not settle within {PATIENCE:?}: {counts:?}",
+                    self.queue(queue)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A queue's messages as the broker counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Waiting to be delivered.
+    pub ready: u32,
+    /// Delivered to a consumer and not acked yet.
+    pub unacked: u32,
 }
 
 impl Drop for TestEnv {
@@ -176,33 +247,41 @@ impl Drop for TestEnv {
         let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
         let exchange = amqp_tasks::topology::delay_exchange(Some(&self.namespace));
         let _ = std::fs::remove_dir_all(&self.dir);
-        // A runtime of its own: the test's may be gone (or panicking).
-        let cleanup = std::thread::spawn(move || {
+        // A runtime of its own (the test's may be gone, or panicking), and a bound on the wait:
+        // a broker that does not answer must not hang the test binary.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-                    .await
-                    .ok()?;
-                let channel = connection.create_channel().await.ok()?;
-                for queue in queues {
-                    let _ = channel
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = channel
-                    .exchange_delete(
-                        exchange.as_str().into(),
-                        lapin::options::ExchangeDeleteOptions::default(),
-                    )
-                    .await;
-                let _ = connection.close(200, "test cleanup".into()).await;
-                Some(())
-            })
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    let cleanup = async {
+                        let connection =
+                            Connection::connect(&amqp_url(), ConnectionProperties::default())
+                                .await
+                                .ok()?;
+                        let channel = connection.create_channel().await.ok()?;
+                        for queue in queues {
+                            let _ = channel
+                                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                                .await;
+                        }
+                        let _ = channel
+                            .exchange_delete(
+                                exchange.as_str().into(),
+                                lapin::options::ExchangeDeleteOptions::default(),
+                            )
+                            .await;
+                        let _ = connection.close(200, "test cleanup".into()).await;
+                        Some(())
+                    };
+                    let _ = tokio::time::timeout(PATIENCE, cleanup).await;
+                });
+            }
+            let _ = done.send(());
         });
-        let _ = cleanup.join();
+        let _ = finished.recv_timeout(PATIENCE + Duration::from_secs(5));
     }
 }
 
@@ -356,11 +435,11 @@ impl WorkerProcess {
 
     /// Sends a signal (`TERM`, `INT`, `KILL`).
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -s {signal} failed");
+        let output = run_blocking(
+            Command::new("kill").args(["-s", signal, &self.child.id().to_string()]),
+            Duration::from_secs(5),
+        );
+        assert!(output.status.success(), "kill -s {signal} failed");
     }
 
     /// Waits for it to exit, for at most `limit`.
@@ -393,39 +472,47 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Runs `rabbitmqctl` (the tests that act on the broker itself need it, as root).
-pub fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("rabbitmqctl is needed by this test (run as root): {e}"));
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// Runs `rabbitmqctl` against the shared node (the tests that inspect or act on the broker need
+/// it, as root), bounded in time; returns its stdout and fails the test if it fails.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let (code, stdout, stderr) = run_command("rabbitmqctl", args, &[]).await;
+    assert_eq!(code, 0, "rabbitmqctl {args:?} failed: {stderr}");
+    stdout
 }
 
-/// Closes, from the broker's side, every connection whose client properties contain `marker`
-/// (a connection name); returns how many.
-pub fn close_connections(marker: &str) -> usize {
+/// Closes, from the broker's side, every connection whose name is `name` or ends with
+/// `" <name>"` (the worker's connections are named `amqp-tasks <binary> pid <pid>`, so
+/// `pid 42` matches its connection and not that of pid 420); returns how many.
+pub async fn close_connections(name: &str) -> usize {
     let listing = rabbitmqctl(&[
         "list_connections",
         "pid",
         "client_properties",
         "-q",
         "--no-table-headers",
-    ]);
-    let pids: Vec<&str> = listing
+    ])
+    .await;
+    let suffix = format!(" {name}");
+    let pids: Vec<String> = listing
         .lines()
-        .filter(|line| line.contains(marker))
-        .filter_map(|line| line.split('\t').next())
+        .filter(|line| {
+            connection_name(line).is_some_and(|found| found == name || found.ends_with(&suffix))
+        })
+        .filter_map(|line| line.split('\t').next().map(str::to_owned))
         .collect();
     for pid in &pids {
-        rabbitmqctl(&["close_connection", pid, "closed by a test"]);
+        rabbitmqctl(&["close_connection", pid, "closed by a test"]).await;
     }
     pids.len()
+}
+
+/// The `connection_name` client property in a line of `rabbitmqctl list_connections`
+/// (`{"connection_name","amqp-tasks ... pid 42"}`).
+fn connection_name(line: &str) -> Option<&str> {
+    const KEY: &str = "{\"connection_name\",\"";
+    let start = line.find(KEY)? + KEY.len();
+    let length = line[start..].find("\"}")?;
+    Some(&line[start..start + length])
 }
 
 /// Runs a command to completion (killed after [`PATIENCE`]) with extra environment variables:
@@ -469,6 +556,58 @@ pub async fn run_command(
     )
 }
 
+/// Runs a command to completion from synchronous code (a `Drop`, a one-time set-up run on a
+/// blocking thread), killed once `limit` has passed: nothing it starts can hang the tests.
+pub fn run_blocking(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let readers: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .map(|stream| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut stream) = stream {
+                let _ = stream.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    })
+    .collect();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut streams = readers
+        .into_iter()
+        .map(|reader| reader.join().unwrap_or_default());
+    std::process::Output {
+        status,
+        stdout: streams.next().unwrap_or_default(),
+        stderr: streams.next().unwrap_or_default(),
+    }
+}
+
 /// Runs `n` calls at once, each in a task of its own with its own clone of `client`, and returns
 /// their results in order.
 pub async fn concurrently<T, F, Fut>(client: &Client, n: usize, call: F) -> Vec<T>
@@ -501,4 +640,16 @@ pub async fn touch_started(env: &TestEnv, client: &Client, name: &str, ms: u64) 
     })
     .await;
     marker
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_name;
+
+    #[test]
+    fn connection_names_are_read_whole() {
+        let line = "<rabbit@localhost.1.2.0>\t[{\"capabilities\",[]},{\"connection_name\",\"amqp-tasks ./w pid 42\"},{\"product\",\"lapin\"}]";
+        assert_eq!(connection_name(line), Some("amqp-tasks ./w pid 42"));
+        assert_eq!(connection_name("<pid>\t[]"), None);
+    }
 }

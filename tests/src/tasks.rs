@@ -44,11 +44,6 @@ pub async fn sleep_ms(ms: u64) -> u64 {
     ms
 }
 
-#[task(timeout = "300ms")]
-pub async fn overrun(ms: u64) {
-    tokio::time::sleep(Duration::from_millis(ms)).await;
-}
-
 /// Writes `<path>.started`, waits, then appends this process id to `<path>.done`.
 #[task(timeout = "30s")]
 pub async fn touch(path: String, ms: u64) -> u32 {
@@ -245,4 +240,56 @@ pub async fn record(path: String, n: u64) {
 pub async fn poison(path: String) {
     append(&path, &std::process::id().to_string());
     std::process::abort();
+}
+
+// --- delivery, time limits, retries of panics ---------------------------------------------------
+
+/// Appends `<pid> <attempt> <redelivered>` to `<path>` as it starts, waits `ms`, then appends its
+/// pid to `<path>.done`.
+#[task(timeout = "30s")]
+pub async fn note_delivery(ctx: Context, path: String, ms: u64) -> u32 {
+    append(
+        &path,
+        &format!(
+            "{} {} {}",
+            std::process::id(),
+            ctx.attempt(),
+            ctx.redelivered()
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    append(&format!("{path}.done"), &std::process::id().to_string());
+    std::process::id()
+}
+
+/// Writes `<path>` when dropped: proof that a handler's future was dropped (cancelled).
+struct DropMarker(String);
+
+impl Drop for DropMarker {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "dropped");
+    }
+}
+
+/// Runs past its 300 ms time limit: waits `ms`, then writes `<path>.late`. Its future writes
+/// `<path>.dropped` when it is dropped.
+#[task(timeout = "300ms")]
+pub async fn overrun_write(path: String, ms: u64) {
+    let _dropped = DropMarker(format!("{path}.dropped"));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let _ = std::fs::write(format!("{path}.late"), "ran past its time limit");
+}
+
+/// Panics on its first run (counted in `<path>`), then returns the number of runs.
+#[task(retries = 2, backoff = "100ms", retry_on_panic = true)]
+pub async fn panics_once(path: String) -> u32 {
+    let runs = std::fs::read_to_string(&path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0) as u32
+        + 1;
+    append(&path, &runs.to_string());
+    if runs == 1 {
+        panic!("the first run panics");
+    }
+    runs
 }

@@ -73,6 +73,32 @@ async fn send(
     }
 }
 
+/// The `error` reply body as documented in `amqp_tasks::wire` (bincode: the five fields in order),
+/// written out here so that the test decodes what a worker really sends.
+#[derive(Debug, serde::Deserialize)]
+struct ErrorReply {
+    error: ErrorBody,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ErrorBody {
+    kind: String,
+    #[serde(rename = "type")]
+    type_name: String,
+    message: String,
+    args: Vec<String>,
+    value: Option<()>,
+}
+
+/// Decodes a bincode error reply as another implementation of the wire format would.
+fn bincode_error(answer: &Answer) -> ErrorBody {
+    assert_eq!(answer.kind, "error");
+    amqp_tasks::Codec::Bincode
+        .decode::<ErrorReply>(&answer.raw)
+        .unwrap_or_else(|e| panic!("a bincode error reply: {e}: {:?}", answer.raw))
+        .error
+}
+
 fn task_header(name: &str) -> FieldTable {
     let mut headers = FieldTable::default();
     headers.insert("task".into(), AMQPValue::LongString(name.into()));
@@ -111,7 +137,7 @@ async fn dead_letters(
     letters
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_answered_and_dead_lettered() {
     let env = TestEnv::new("malformed");
     bounded(LIMIT, async {
@@ -141,6 +167,22 @@ async fn malformed_messages_are_answered_and_dead_lettered() {
         }
         // Replies in the request's codec (bincode here) except where the codec is unknown (JSON).
         assert!(garbage.body.is_null() && !garbage.raw.is_empty());
+        for (answer, kind) in [
+            (&garbage, "bad_payload"),
+            (&truncated, "bad_payload"),
+            (&unknown, "unknown_task"),
+        ] {
+            let error = bincode_error(answer);
+            assert_eq!(error.kind, kind, "{error:?}");
+            assert_eq!(error.args, std::slice::from_ref(&error.message), "{error:?}");
+            assert!(error.value.is_none(), "{error:?}");
+        }
+        let unknown_error = bincode_error(&unknown);
+        assert_eq!(unknown_error.type_name, "UnknownTask");
+        assert!(
+            unknown_error.message.contains("subtract"),
+            "{unknown_error:?}"
+        );
         assert_eq!(wrong_type.body["error"]["kind"], "unsupported_content_type");
         assert_eq!(no_type.body["error"]["kind"], "unsupported_content_type");
 
@@ -162,15 +204,21 @@ async fn malformed_messages_are_answered_and_dead_lettered() {
             letters[4].1
         );
 
-        // The worker carries on.
+        // The worker carries on, and dead-letters nothing more: every message of the queue is
+        // acked (so every dead letter was written) and the five are all there were.
         let client = env.client().await;
         assert_eq!(add::new(1, 2).call(&client).await, Ok(3));
-        assert_eq!(env.depth("add").await, 0);
+        env.settled("add").await;
+        assert_eq!(
+            env.depth("add.dlq").await,
+            0,
+            "a good call is not dead-lettered"
+        );
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_messages_from_any_language_call_rust_tasks() {
     let env = TestEnv::new("json");
     bounded(LIMIT, async {
@@ -203,13 +251,19 @@ async fn json_messages_from_any_language_call_rust_tasks() {
             serde_json::json!({"error": {"kind": "task", "type": "DivError", "message": "division by zero",
                 "args": ["division by zero"], "value": "ByZero"}})
         );
-        assert_eq!(dead_letters(&env, &raw, "greet", 3).await.len(), 3);
+        let reasons: Vec<String> = dead_letters(&env, &raw, "greet", 3).await.into_iter().map(|(reason, _)| reason).collect();
+        assert_eq!(reasons, ["bad_payload"; 3]);
+        // Once every message is acked, nothing else was dead-lettered: not the two good calls,
+        // not the task error.
+        env.settled("greet").await;
+        env.settled("math.div").await;
+        assert_eq!(env.depth("greet.dlq").await, 0, "good calls are not dead letters");
         assert_eq!(env.depth("math.div.dlq").await, 0, "a task error is not a dead letter");
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_answered_and_dead_lettered() {
     let env = TestEnv::new("panic");
     bounded(LIMIT, async {
@@ -230,26 +284,51 @@ async fn a_panicking_handler_is_answered_and_dead_lettered() {
             Ok(4),
             "the worker keeps serving"
         );
+        env.settled("boom").await;
+        env.settled("add").await;
+        assert_eq!(
+            env.depth("boom.dlq").await,
+            0,
+            "two panics, two dead letters"
+        );
+        assert_eq!(env.depth("add.dlq").await, 0);
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_past_its_time_limit_is_cancelled() {
     let env = TestEnv::new("time-limit");
     bounded(LIMIT, async {
-        let _worker = env.worker(WORKER, &["--tasks", "overrun"]).ready().await;
+        let _worker = env
+            .worker(WORKER, &["--tasks", "overrun_write"])
+            .ready()
+            .await;
         let client = env.client().await;
+        let path = env.path("overrun");
         let started = tokio::time::Instant::now();
-        let result = overrun::new(10_000).call(&client).await;
+        let result = overrun_write::new(path.clone(), 1_500).call(&client).await;
         assert!(
             matches!(&result, Err(CallError::TimeLimit(m)) if m.contains("300ms")),
             "{result:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "answered at the limit"
+        );
+        // The handler is really stopped, not left running behind the answer: its future is
+        // dropped (which writes `.dropped`), so what it would do after its sleep never happens.
+        amqp_tasks_tests::harness::eventually("the handler to be dropped", PATIENCE, || {
+            std::fs::metadata(format!("{path}.dropped")).ok()
+        })
+        .await;
+        assert!(
+            std::fs::metadata(format!("{path}.late")).is_err(),
+            "the handler ran on past its time limit"
+        );
         let raw = env.raw().await;
         assert_eq!(
-            dead_letters(&env, &raw, "overrun", 1).await[0].0,
+            dead_letters(&env, &raw, "overrun_write", 1).await[0].0,
             "time_limit"
         );
     })
@@ -260,7 +339,7 @@ async fn a_handler_past_its_time_limit_is_cancelled() {
 #[task(name = "add")]
 async fn stale_add(a: i32, b: i32) -> i64;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stub_whose_signature_differs_is_refused() {
     let env = TestEnv::new("signature");
     bounded(LIMIT, async {
@@ -278,11 +357,67 @@ async fn a_stub_whose_signature_differs_is_refused() {
             "signature_mismatch"
         );
         assert_eq!(add::new(1, 2).call(&client).await, Ok(3));
+        env.settled("add").await;
+        assert_eq!(env.depth("add.dlq").await, 0);
     })
     .await;
 }
 
-#[tokio::test]
+/// A task the `add` worker does not serve, sent to its queue.
+#[task(name = "subtract", queue = "add")]
+async fn subtract(a: i64, b: i64) -> i64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_decodes_framework_errors_into_their_variants() {
+    let env = TestEnv::new("client-errors");
+    bounded(LIMIT, async {
+        let _worker = env.worker(WORKER, &["--tasks", "add,greet"]).ready().await;
+        let client = env.client().await;
+        // bincode error replies, through the typed stub
+        match subtract::new(3, 1).call(&client).await {
+            Err(CallError::UnknownTask(message)) => {
+                assert!(
+                    message.contains("subtract") && message.contains("add"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected UnknownTask, got {other:?}"),
+        }
+        // JSON error replies, through a dynamic call
+        let wrong =
+            amqp_tasks::DynamicCall::new("greet", serde_json::json!({"name": "x", "times": "two"}))
+                .call(&client)
+                .await;
+        match wrong {
+            Err(CallError::BadPayload(message)) => {
+                assert!(message.contains("argument `times`"), "{message}");
+            }
+            other => panic!("expected BadPayload, got {other:?}"),
+        }
+        let unknown = amqp_tasks::DynamicCall::new("subtract", serde_json::json!({"a": 1, "b": 2}))
+            .queue("add")
+            .call(&client)
+            .await;
+        assert!(
+            matches!(unknown, Err(CallError::UnknownTask(_))),
+            "{unknown:?}"
+        );
+        let raw = env.raw().await;
+        let reasons: Vec<String> = dead_letters(&env, &raw, "add", 2)
+            .await
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        assert_eq!(reasons, ["unknown_task"; 2]);
+        assert_eq!(
+            dead_letters(&env, &raw, "greet", 1).await[0].0,
+            "bad_payload"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_past_its_deadline_is_not_started() {
     let env = TestEnv::new("expired");
     bounded(LIMIT, async {
@@ -312,6 +447,7 @@ async fn work_past_its_deadline_is_not_started() {
             std::fs::metadata(format!("{marker}.started")).is_err(),
             "the task must not have run"
         );
+        env.settled("touch").await;
         assert_eq!(
             env.depth("touch.dlq").await,
             0,
@@ -321,7 +457,7 @@ async fn work_past_its_deadline_is_not_started() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused() {
     let env = TestEnv::new("oversized");
     bounded(LIMIT, async {
@@ -341,6 +477,8 @@ async fn oversized_messages_are_refused() {
             greet::new("y".into(), 1, None).call(&client).await,
             Ok("hello y".into())
         );
+        env.settled("greet").await;
+        assert_eq!(env.depth("greet.dlq").await, 0);
     })
     .await;
 }

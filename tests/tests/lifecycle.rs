@@ -13,7 +13,7 @@ const DUPLICATE: &str = env!("CARGO_BIN_EXE_test-dup");
 const EMPTY: &str = env!("CARGO_BIN_EXE_test-empty");
 const LIMIT: Duration = Duration::from_secs(90);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_prints_every_task_with_arguments_and_queue() {
     let env = TestEnv::new("list");
     bounded(LIMIT, async {
@@ -35,7 +35,7 @@ async fn list_prints_every_task_with_arguments_and_queue() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_with_two_tasks_of_one_name_refuses_to_start() {
     let env = TestEnv::new("duplicates");
     bounded(LIMIT, async {
@@ -52,7 +52,7 @@ async fn a_binary_with_two_tasks_of_one_name_refuses_to_start() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_tasks_refuses_to_start() {
     let env = TestEnv::new("empty");
     bounded(LIMIT, async {
@@ -77,22 +77,32 @@ async fn a_worker_without_tasks_refuses_to_start() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_task_loses_nothing() {
     let env = TestEnv::new("sigkill");
     bounded(LIMIT, async {
-        let mut first = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
+        let args = ["--tasks", "note_delivery"];
+        let mut first = env.worker(WORKER, &args).ready().await;
         let client = env.client().await;
-        let marker = touch_started(&env, &client, "killed", 2_000).await;
+        let path = env.path("killed");
+        note_delivery::new(path.clone(), 2_000)
+            .delay(&client)
+            .await
+            .expect("delay");
+        let runs = || std::fs::read_to_string(&path).unwrap_or_default();
+        eventually("the task to start", PATIENCE, || {
+            (!runs().is_empty()).then_some(())
+        })
+        .await;
         first.signal("KILL");
         first.exit(PATIENCE).await;
+        let done = format!("{path}.done");
         assert!(
-            std::fs::metadata(format!("{marker}.done")).is_err(),
+            std::fs::metadata(&done).is_err(),
             "killed before it finished"
         );
 
-        let second = env.worker(WORKER, &["--tasks", "touch"]).ready().await;
-        let done = format!("{marker}.done");
+        let second = env.worker(WORKER, &args).ready().await;
         let pids = eventually("the redelivered task to finish", PATIENCE, || {
             std::fs::read_to_string(&done).ok()
         })
@@ -102,8 +112,17 @@ async fn a_worker_killed_mid_task_loses_nothing() {
             second.pid().to_string(),
             "run to completion once, by the second worker"
         );
-        assert_eq!(env.depth("touch").await, 0);
-        assert_eq!(env.depth("touch.dlq").await, 0);
+        // Each run saw whether it was a redelivery: the first did not, the second did.
+        let lines: Vec<String> = runs().lines().map(str::to_owned).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("{} 1 false", first.pid()),
+                format!("{} 1 true", second.pid())
+            ]
+        );
+        env.settled("note_delivery").await;
+        assert_eq!(env.depth("note_delivery.dlq").await, 0);
     })
     .await;
 }
@@ -112,9 +131,18 @@ async fn count(worker: &WorkerProcess, needle: &str) -> usize {
     worker.output().matches(needle).count()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_returns_unstarted_tasks() {
-    let env = TestEnv::new("sigterm");
+    drains_on("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_and_returns_unstarted_tasks() {
+    drains_on("INT").await;
+}
+
+async fn drains_on(signal: &str) {
+    let env = TestEnv::new(&format!("sig{}", signal.to_lowercase()));
     bounded(LIMIT, async {
         let mut first = env
             .worker(
@@ -144,7 +172,7 @@ async fn sigterm_drains_and_returns_unstarted_tasks() {
             }
         });
         first.wait_for("task started").await;
-        first.signal("TERM");
+        first.signal(signal);
         let status = first.exit(PATIENCE).await;
         assert!(
             status.success(),
@@ -162,6 +190,10 @@ async fn sigterm_drains_and_returns_unstarted_tasks() {
             "the one in flight finished"
         );
         assert!(first.output().contains("worker stopped"));
+        // Nobody consumes the queue now: what is in it is what the worker gave back. The three
+        // it had not started, and not the one it finished during the drain, whose ack went out
+        // before it exited (unacked, it would be back in the queue too).
+        assert_eq!(env.depth("sleep_ms").await, 3);
 
         // The prefetched ones went back to the queue, for the next worker.
         let _second = env.worker(WORKER, &["--tasks", "sleep_ms"]).ready().await;
@@ -170,7 +202,7 @@ async fn sigterm_drains_and_returns_unstarted_tasks() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_calls_keep_working_while_draining() {
     let env = TestEnv::new("drain-relay");
     bounded(LIMIT, async {
@@ -189,7 +221,7 @@ async fn relay_calls_keep_working_while_draining() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grace_period_that_runs_out_exits_non_zero_and_loses_nothing() {
     let env = TestEnv::new("grace");
     bounded(LIMIT, async {
@@ -224,11 +256,12 @@ async fn a_grace_period_that_runs_out_exits_non_zero_and_loses_nothing() {
             first.output(),
             second.output()
         );
+        env.settled("touch").await;
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_waiting_on_a_closed_connection_fail_at_once() {
     let env = TestEnv::new("conn-closed");
     bounded(LIMIT, async {

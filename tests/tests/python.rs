@@ -9,7 +9,7 @@
 use amqp_tasks::{CallError, task};
 use amqp_tasks_tests::harness::{
     PATIENCE, TestEnv, WorkerProcess, amqp_url, bounded, concurrently, eventually_async,
-    rabbitmqctl,
+    rabbitmqctl, run_blocking,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -28,18 +28,23 @@ const PYTHON_PACKAGES: [&str; 3] = ["aio-pika==10.2.1", "aiormq==7.2.4", "pamqp=
 // --- Python, in a virtual environment of its own --------------------------------------------
 
 /// The virtual environment's interpreter, created (once per target directory) with aio-pika
-/// installed; `None`, after a loud message, when there is no `python3`.
-fn python() -> Option<&'static Path> {
+/// installed; `None`, after a loud message, when there is no `python3`. The set-up runs on a
+/// blocking thread and every step of it is bounded, so the test's own time bound still holds.
+async fn python() -> Option<&'static Path> {
     static PYTHON: OnceLock<Option<PathBuf>> = OnceLock::new();
-    PYTHON.get_or_init(prepare_python).as_deref()
+    tokio::task::spawn_blocking(|| PYTHON.get_or_init(prepare_python).as_deref())
+        .await
+        .expect("the Python set-up panicked")
 }
 
 fn prepare_python() -> Option<PathBuf> {
     let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let found = Command::new(&system)
         .arg("--version")
-        .output()
-        .is_ok_and(|output| output.status.success());
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
     if !found {
         assert!(
             std::env::var_os("AMQP_TASKS_REQUIRE_PYTHON").is_none(),
@@ -72,7 +77,10 @@ fn prepare_python() -> Option<PathBuf> {
     }
     // Absent, half made, or another version: start afresh.
     let _ = std::fs::remove_dir_all(&venv);
-    run_setup(Command::new(&system).arg("-m").arg("venv").arg(&venv));
+    run_setup(
+        Command::new(&system).arg("-m").arg("venv").arg(&venv),
+        Duration::from_secs(120),
+    );
     run_setup(
         Command::new(&interpreter)
             .args([
@@ -84,15 +92,14 @@ fn prepare_python() -> Option<PathBuf> {
             ])
             .args(["--timeout", "30"])
             .args(PYTHON_PACKAGES),
+        Duration::from_secs(600),
     );
     std::fs::write(&marker, wanted).expect("write the marker");
     Some(interpreter)
 }
 
-fn run_setup(command: &mut Command) {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+fn run_setup(command: &mut Command, limit: Duration) {
+    let output = run_blocking(command, limit);
     assert!(
         output.status.success(),
         "{command:?} failed (the Python interop tests need the venv module and PyPI):\n{}{}",
@@ -142,9 +149,9 @@ fn rpc_error(outcome: &Value) -> &Value {
 
 // --- Python calls Rust ------------------------------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_json_rpc_calls_rust_tasks() {
-    let Some(python) = python() else { return };
+    let Some(python) = python().await else { return };
     let env = TestEnv::new("py-calls");
     bounded(LIMIT, async {
         let _worker = env
@@ -214,12 +221,15 @@ async fn python_json_rpc_calls_rust_tasks() {
             assert_eq!(outcome["result"], 1000 + i, "{outcome}");
         }
         // Undecodable arguments, pickles and panics are answered and dead-lettered (the answer
-        // comes first, so wait for the dead letters); a task error is an answer only.
-        eventually_async(|| async {
-            (env.depth("add.dlq").await == 4 && env.depth("boom.dlq").await == 1).then_some(())
-        })
-        .await;
+        // comes first: once every message is acked, every dead letter is written); a task
+        // error is an answer only, and good calls are neither.
+        for queue in ["add", "boom", "math.div", "greet"] {
+            env.settled(queue).await;
+        }
+        assert_eq!(env.depth("add.dlq").await, 4);
+        assert_eq!(env.depth("boom.dlq").await, 1);
         assert_eq!(env.depth("math.div.dlq").await, 0);
+        assert_eq!(env.depth("greet.dlq").await, 0);
     })
     .await;
 }
@@ -229,15 +239,16 @@ struct Policy(String);
 
 impl Drop for Policy {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["clear_policy", "-q", &self.0])
-            .output();
+        run_blocking(
+            Command::new("rabbitmqctl").args(["clear_policy", "-q", &self.0]),
+            Duration::from_secs(30),
+        );
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_call_expiration_on_a_rust_queue() {
-    let Some(python) = python() else { return };
+    let Some(python) = python().await else { return };
     let env = TestEnv::new("py-expire");
     bounded(LIMIT, async {
         // The queue as a worker declares it, and nobody consuming it.
@@ -280,11 +291,12 @@ async fn python_call_expiration_on_a_rust_queue() {
             r#"{"dead-letter-exchange": "rpc.dlx"}"#,
             "--apply-to",
             "queues",
-        ]);
+        ])
+        .await;
         let _policy = Policy(name.clone());
         eventually_async(|| async {
             let listing =
-                rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "policy"]);
+                rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "policy"]).await;
             listing
                 .lines()
                 .any(|line| line.split('\t').collect::<Vec<_>>() == [queue.as_str(), name.as_str()])
@@ -325,9 +337,9 @@ enum QuotaError {
     QuotaExceeded { user: String, limit: u32 },
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_stubs_call_python_json_rpc_functions() {
-    let Some(python) = python() else { return };
+    let Some(python) = python().await else { return };
     let env = TestEnv::new("rust-calls-py");
     for function in ["multiply", "divide", "slow", "check_quota"] {
         env.track(function);

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
 const LIMIT: Duration = Duration::from_secs(60);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_and_call_through_a_worker() {
     let env = TestEnv::new("delay-call");
     bounded(LIMIT, async {
@@ -44,7 +44,7 @@ async fn delay_and_call_through_a_worker() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_task_error_arrives_intact() {
     let env = TestEnv::new("typed-error");
     bounded(LIMIT, async {
@@ -59,13 +59,15 @@ async fn typed_task_error_arrives_intact() {
             div::new(i64::MIN, -1).call(&client).await,
             Err(CallError::Task(DivError::Overflow { a: i64::MIN, b: -1 }))
         );
-        // A task error is an answer, not a dead letter.
+        // A task error is an answer, not a dead letter: once every call is acked (a dead letter
+        // would have been confirmed before the ack), the dead-letter queue is still empty.
+        env.settled("math.div").await;
         assert_eq!(env.depth("math.div.dlq").await, 0);
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_timeout_is_reported_promptly() {
     let env = TestEnv::new("timeout");
     bounded(LIMIT, async {
@@ -86,7 +88,7 @@ async fn call_timeout_is_reported_promptly() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_calls_another_worker_process() {
     let env = TestEnv::new("relay");
     bounded(LIMIT, async {
@@ -118,7 +120,7 @@ async fn relay_calls_another_worker_process() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_propagates_the_deadline() {
     let env = TestEnv::new("deadline");
     bounded(LIMIT, async {
@@ -157,7 +159,7 @@ async fn relay_propagates_the_deadline() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_calling_its_own_process_does_not_deadlock() {
     let env = TestEnv::new("no-deadlock");
     bounded(LIMIT, async {
@@ -179,7 +181,7 @@ async fn a_relay_calling_its_own_process_does_not_deadlock() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_is_bounded_across_queues() {
     let env = TestEnv::new("concurrency");
     bounded(LIMIT, async {
@@ -208,7 +210,7 @@ async fn concurrency_is_bounded_across_queues() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn competing_workers_share_a_queue() {
     let env = TestEnv::new("competing");
     bounded(LIMIT, async {
@@ -237,7 +239,7 @@ async fn competing_workers_share_a_queue() {
 #[task(name = "nobody.serves.this")]
 async fn orphan(x: u8) -> u8;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_without_a_queue_is_no_route() {
     let env = TestEnv::new("no-route");
     bounded(LIMIT, async {
@@ -262,7 +264,7 @@ async fn a_task_without_a_queue_is_no_route() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_task_waits_in_its_queue_for_a_worker() {
     let env = TestEnv::new("waits");
     bounded(LIMIT, async {
@@ -336,7 +338,7 @@ async fn a_delayed_task_waits_in_its_queue_for_a_worker() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_is_transient_and_expires_with_its_deadline() {
     let env = TestEnv::new("call-props");
     bounded(LIMIT, async {
@@ -381,11 +383,32 @@ async fn a_call_is_transient_and_expires_with_its_deadline() {
         ));
         // Nobody answers: the caller times out rather than waiting forever.
         assert_eq!(call.await.unwrap(), Err(CallError::Timeout));
+
+        // And the broker drops a call nobody took before its deadline: it is not left in the
+        // queue for a worker to find later.
+        let expiring = tokio::spawn({
+            let client = client.clone();
+            async move {
+                add::new(2, 2)
+                    .timeout(Duration::from_millis(800))
+                    .call(&client)
+                    .await
+            }
+        });
+        amqp_tasks_tests::harness::eventually_async(|| async {
+            (env.depth("add").await == 1).then_some(())
+        })
+        .await;
+        assert_eq!(expiring.await.unwrap(), Err(CallError::Timeout));
+        amqp_tasks_tests::harness::eventually_async(|| async {
+            (env.depth("add").await == 0).then_some(())
+        })
+        .await;
     })
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_worker_runs_next_to_other_work() {
     let env = TestEnv::new("embedded");
     bounded(LIMIT, async {
@@ -400,14 +423,16 @@ async fn an_embedded_worker_runs_next_to_other_work() {
                 }),
         );
         // Other work of the same application keeps running meanwhile.
-        let ticker = tokio::spawn(async {
-            let mut ticks = 0u32;
-            let mut interval = tokio::time::interval(Duration::from_millis(10));
-            for _ in 0..20 {
-                interval.tick().await;
-                ticks += 1;
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                let mut interval = tokio::time::interval(Duration::from_millis(5));
+                loop {
+                    interval.tick().await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
             }
-            ticks
         });
         // The same client produces and serves.
         let sum = amqp_tasks_tests::harness::eventually_async(|| async {
@@ -419,7 +444,20 @@ async fn an_embedded_worker_runs_next_to_other_work() {
             context_info::new().call(&client).await.unwrap();
         assert!(!root.is_empty());
         assert_eq!((parent, attempt, redelivered), (None, 1, false));
-        assert_eq!(ticker.await.unwrap(), 20);
+        // Calls keep being served while the ticker keeps ticking: both make progress.
+        let at_start = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        let mut served = 0;
+        let deadline = Instant::now() + PATIENCE;
+        while ticks.load(std::sync::atomic::Ordering::SeqCst) < at_start + 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the ticker stalled while the worker served"
+            );
+            assert_eq!(add::new(served, 1).call(&client).await, Ok(served + 1));
+            served += 1;
+        }
+        assert!(served > 0);
+        ticker.abort();
         stop.send(()).unwrap();
         worker
             .await
@@ -430,7 +468,7 @@ async fn an_embedded_worker_runs_next_to_other_work() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_delays_is_confirmed_message_by_message() {
     let env = TestEnv::new("batch");
     bounded(LIMIT, async {

@@ -14,7 +14,7 @@ async fn shell(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
     env.run(SHELL, args).await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_call_prints_results_and_tells_failures_apart() {
     let env = TestEnv::new("shell-call");
     bounded(LIMIT, async {
@@ -94,7 +94,7 @@ async fn shell_call_prints_results_and_tells_failures_apart() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_queues_reports_depth_consumers_and_dead_letters() {
     let env = TestEnv::new("shell-queues");
     bounded(LIMIT, async {

@@ -284,7 +284,7 @@ fn next_attempt<'a>(
     if attempt > task.retries() {
         return None;
     }
-    let delay = jittered(super::backoff_ceiling(task.backoff(), attempt) * 4 / 5);
+    let delay = retry_delay(task.backoff(), attempt);
     let eta = unix_ms(SystemTime::now() + delay);
     if headers.deadline_ms.is_some_and(|deadline| eta >= deadline) {
         return None;
@@ -296,6 +296,12 @@ fn next_attempt<'a>(
         headers,
         why: "retry",
     })
+}
+
+/// The wait before the retry that follows failed attempt `attempt` (1-based): `backoff ×
+/// 2^(attempt-1)`, ±20 %.
+fn retry_delay(backoff: Duration, attempt: u32) -> Duration {
+    jittered(super::backoff_ceiling(backoff, attempt) * 4 / 5)
 }
 
 /// `base` × a random factor in [0.8, 1.2].
@@ -549,4 +555,31 @@ async fn dead_letter_it(
     client
         .publish(&dlq, &delivery.data, properties, None, deadline)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_with_twenty_percent_jitter() {
+        let backoff = Duration::from_millis(300);
+        for (attempt, base_ms) in [(1, 300.0), (2, 600.0), (3, 1_200.0), (4, 2_400.0)] {
+            let delays: Vec<f64> = (0..2_000)
+                .map(|_| retry_delay(backoff, attempt).as_secs_f64() * 1_000.0)
+                .collect();
+            let (min, max) = delays
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
+            assert!(
+                min >= base_ms * 0.8 - 0.001 && max <= base_ms * 1.2 + 0.001,
+                "attempt {attempt}: {min}..{max} ms, expected {base_ms} ms ± 20 %"
+            );
+            // The jitter spreads the retries over the whole range, not around one value.
+            assert!(
+                min < base_ms * 0.85 && max > base_ms * 1.15,
+                "attempt {attempt}: {min}..{max} ms"
+            );
+        }
+    }
 }
