@@ -364,7 +364,7 @@ fn duration_ms(setting: &Setting<Lit>, key: &str) -> syn::Result<u64> {
         syn::Error::new(
             setting.span,
             format!(
-                "`{key}` takes seconds (`{key} = 30`) or a duration with a unit: \"500ms\", \"30s\", \"2m\", \"1h\""
+                "`{key}` takes seconds (`{key} = 30`) or a duration with a unit: \"500ms\", \"30s\", \"2m\", \"1h 30m\""
             ),
         )
     };
@@ -386,19 +386,16 @@ fn duration_ms(setting: &Setting<Lit>, key: &str) -> syn::Result<u64> {
     Ok(ms)
 }
 
+/// The runtime's duration syntax (its command-line options read the same): humantime's
+/// (`500ms`, `30s`, `2m`, `1h 30m`), or a bare number of seconds.
 pub fn parse_duration_ms(text: &str) -> Option<u64> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(digits);
-    let number: u64 = number.parse().ok()?;
-    let factor = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
+    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        std::time::Duration::from_secs(text.parse().ok()?)
+    } else {
+        humantime::parse_duration(text).ok()?
     };
-    number.checked_mul(factor)
+    u64::try_from(duration.as_millis()).ok()
 }
 
 #[cfg(test)]
@@ -419,6 +416,8 @@ mod tests {
         assert_eq!(parse_duration_ms("30s"), Some(30_000));
         assert_eq!(parse_duration_ms("2m"), Some(120_000));
         assert_eq!(parse_duration_ms("1h"), Some(3_600_000));
+        assert_eq!(parse_duration_ms("1h 30m"), Some(5_400_000));
+        assert_eq!(parse_duration_ms("45"), Some(45_000));
         assert_eq!(parse_duration_ms("1 fortnight"), None);
         assert_eq!(parse_duration_ms("s"), None);
     }

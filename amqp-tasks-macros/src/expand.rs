@@ -95,6 +95,16 @@ pub fn expand(task: &Task) -> TokenStream {
     };
     let indices = (0..idents.len()).map(syn::Index::from);
 
+    // The signature fingerprint is taken from the types as written (the runtime drops their
+    // paths): stable across compilers, unlike `type_name`.
+    let args_written = match ty_texts.as_slice() {
+        [one] => format!("({one},)"),
+        many => format!("({})", many.join(", ")),
+    };
+    let (ok_written, err_written) = match &task.output.fallible {
+        Some((ok, err)) => (type_text(ok), type_text(err)),
+        None => (output_text.clone(), String::new()),
+    };
     let signature_text = format!(
         "{}({}) -> {}",
         ident.to_string().trim_start_matches("r#"),
@@ -165,7 +175,16 @@ pub fn expand(task: &Task) -> TokenStream {
             fn signature() -> &'static ::amqp_tasks::__private::Signature {
                 static SIGNATURE: ::std::sync::OnceLock<::amqp_tasks::__private::Signature> =
                     ::std::sync::OnceLock::new();
-                SIGNATURE.get_or_init(::amqp_tasks::__private::Signature::of::<Self>)
+                SIGNATURE.get_or_init(|| {
+                    ::amqp_tasks::__private::Signature::of_task(
+                        [#args_written, #ok_written, #err_written],
+                        [
+                            ::core::any::type_name::<<Self as ::amqp_tasks::Task>::Args>(),
+                            ::core::any::type_name::<<Self as ::amqp_tasks::Task>::Output>(),
+                            ::core::any::type_name::<<Self as ::amqp_tasks::Task>::Error>(),
+                        ],
+                    )
+                })
             }
 
             fn write_json(
@@ -235,7 +254,7 @@ pub fn expand(task: &Task) -> TokenStream {
             fn should_retry(error: &<Self as ::amqp_tasks::Task>::Error) -> bool {
                 #[allow(unused_imports)]
                 use ::amqp_tasks::__private::retry::{AskTheError as _, RetryAll as _};
-                (&&::amqp_tasks::__private::retry::Verdict(error)).should_retry()
+                (&&::amqp_tasks::__private::retry::Check(error)).should_retry()
             }
         }
 

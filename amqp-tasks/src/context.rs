@@ -1,13 +1,14 @@
-//! [`Context`]: what a running task knows about itself, and a [`Caller`](crate::Caller) for the
-//! tasks it calls.
+//! [`Context`]: what a running task knows about itself (its id, attempt, redelivery, deadline,
+//! trace), given to it by the worker running it, and a [`Caller`](crate::Caller) for the tasks it
+//! calls, which inherit its deadline, trace and concurrency slot through the client layer.
 
 use crate::client::Client;
+use crate::client::caller::{Origin, Parent, Slot, sealed};
+use crate::protocol::trace::TraceParent;
 use crate::task::TaskId;
-use crate::trace::TraceParent;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Given to a task whose first parameter has this type, by the worker running it.
@@ -23,28 +24,25 @@ pub struct Context {
 
 struct Inner {
     client: Client,
-    task_id: TaskId,
+    parent: Parent,
     task_name: &'static str,
     attempt: u32,
     redelivered: bool,
-    deadline: Option<Instant>,
-    root_id: TaskId,
     parent_id: Option<TaskId>,
-    trace: TraceParent,
-    slot: Option<Arc<Slot>>,
 }
 
+/// What the worker knows of a task it is about to run.
 pub(crate) struct ContextParts {
-    pub client: Client,
-    pub task_id: TaskId,
-    pub task_name: &'static str,
-    pub attempt: u32,
-    pub redelivered: bool,
-    pub deadline: Option<Instant>,
-    pub root_id: Option<TaskId>,
-    pub parent_id: Option<TaskId>,
-    pub trace: TraceParent,
-    pub slot: Option<Arc<Slot>>,
+    pub(crate) client: Client,
+    pub(crate) task_id: TaskId,
+    pub(crate) task_name: &'static str,
+    pub(crate) attempt: u32,
+    pub(crate) redelivered: bool,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) root_id: Option<TaskId>,
+    pub(crate) parent_id: Option<TaskId>,
+    pub(crate) trace: TraceParent,
+    pub(crate) slot: Option<Arc<Slot>>,
 }
 
 impl Context {
@@ -53,15 +51,17 @@ impl Context {
         Context {
             inner: Arc::new(Inner {
                 client: parts.client,
-                task_id: parts.task_id,
+                parent: Parent {
+                    task_id: parts.task_id,
+                    root_id,
+                    trace: parts.trace,
+                    deadline: parts.deadline,
+                    slot: parts.slot,
+                },
                 task_name: parts.task_name,
                 attempt: parts.attempt,
                 redelivered: parts.redelivered,
-                deadline: parts.deadline,
-                root_id,
                 parent_id: parts.parent_id,
-                trace: parts.trace,
-                slot: parts.slot,
             }),
         }
     }
@@ -85,7 +85,7 @@ impl Context {
 
     /// The task id: the same for every attempt and replay of this task.
     pub fn task_id(&self) -> &TaskId {
-        &self.inner.task_id
+        &self.inner.parent.task_id
     }
 
     /// The task name.
@@ -106,19 +106,17 @@ impl Context {
 
     /// When the caller stops waiting, if it waits (`.call()`); `None` for `.delay()`.
     pub fn deadline(&self) -> Option<Instant> {
-        self.inner.deadline
+        self.inner.parent.deadline
     }
 
     /// Time left until the deadline (zero once passed); `None` without a deadline.
     pub fn remaining(&self) -> Option<Duration> {
-        self.inner
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
+        self.inner.parent.remaining()
     }
 
     /// The id of the first task of the chain that led here (this task's own id at the root).
     pub fn root_id(&self) -> &TaskId {
-        &self.inner.root_id
+        &self.inner.parent.root_id
     }
 
     /// The id of the task that sent this one, if a task did.
@@ -128,128 +126,34 @@ impl Context {
 
     /// The W3C trace id shared by every hop of this chain.
     pub fn trace_id(&self) -> &str {
-        self.inner.trace.trace_id()
-    }
-
-    pub(crate) fn trace(&self) -> &TraceParent {
-        &self.inner.trace
+        self.inner.parent.trace.trace_id()
     }
 
     /// The client this task's worker uses, to send tasks without inheriting anything.
     pub fn client(&self) -> &Client {
         &self.inner.client
     }
+}
 
-    pub(crate) fn suspend(&self) -> Suspended {
-        if let Some(slot) = &self.inner.slot {
-            slot.suspend();
-        }
-        Suspended {
-            slot: self.inner.slot.clone(),
+impl sealed::Sealed for Context {
+    fn origin(&self) -> Origin<'_> {
+        Origin {
+            client: &self.inner.client,
+            parent: Some(&self.inner.parent),
         }
     }
 }
+impl crate::client::Caller for Context {}
 
 impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
-            .field("task_id", &self.inner.task_id)
+            .field("task_id", self.task_id())
             .field("task_name", &self.inner.task_name)
             .field("attempt", &self.inner.attempt)
             .field("redelivered", &self.inner.redelivered)
             .field("remaining", &self.remaining())
             .field("trace_id", &self.trace_id())
             .finish()
-    }
-}
-
-/// A running task's share of the worker's concurrency.
-pub(crate) struct Slot {
-    semaphore: Arc<Semaphore>,
-    state: Mutex<SlotState>,
-}
-
-struct SlotState {
-    permit: Option<OwnedSemaphorePermit>,
-    waiting: usize,
-    finished: bool,
-}
-
-impl Slot {
-    pub fn new(semaphore: Arc<Semaphore>, permit: OwnedSemaphorePermit) -> Slot {
-        Slot {
-            semaphore,
-            state: Mutex::new(SlotState {
-                permit: Some(permit),
-                waiting: 0,
-                finished: false,
-            }),
-        }
-    }
-
-    fn suspend(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.waiting += 1;
-        if state.waiting == 1 {
-            state.permit = None;
-        }
-    }
-
-    async fn resume(&self) {
-        {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.waiting -= 1;
-            if state.waiting > 0 || state.finished || state.permit.is_some() {
-                return;
-            }
-        }
-        let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
-            return;
-        };
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.finished && state.waiting == 0 && state.permit.is_none() {
-            state.permit = Some(permit);
-        }
-    }
-
-    /// The handler returned: its slot is free whatever clones of the context live on.
-    pub fn finish(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.finished = true;
-        state.permit = None;
-    }
-}
-
-pub(crate) struct Suspended {
-    slot: Option<Arc<Slot>>,
-}
-
-impl Suspended {
-    pub async fn resume(self) {
-        if let Some(slot) = &self.slot {
-            slot.resume().await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_waiting_task_lends_its_slot() {
-        let semaphore = Arc::new(Semaphore::new(1));
-        let permit = semaphore.clone().acquire_owned().await.unwrap();
-        let slot = Slot::new(semaphore.clone(), permit);
-        assert_eq!(semaphore.available_permits(), 0);
-        slot.suspend();
-        slot.suspend();
-        assert_eq!(semaphore.available_permits(), 1, "lent while waiting");
-        slot.resume().await;
-        assert_eq!(semaphore.available_permits(), 1, "still one call in flight");
-        slot.resume().await;
-        assert_eq!(semaphore.available_permits(), 0, "taken back");
-        slot.finish();
-        assert_eq!(semaphore.available_permits(), 1);
     }
 }

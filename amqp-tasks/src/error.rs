@@ -1,4 +1,5 @@
-//! Errors: [`CallError`] for a call to a task, [`Error`] for connecting and serving.
+//! Errors: [`CallError`] for a call to a task, [`Error`] for connecting and serving. Below every
+//! layer: it names no other module of the crate.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -167,18 +168,18 @@ pub enum Error {
     Connect {
         /// The URL, without its password.
         url: String,
-        /// What lapin reported.
+        /// What the AMQP client reported.
         #[source]
-        source: lapin::Error,
+        source: BrokerError,
     },
     /// A broker operation failed (declaring a queue, consuming, ...).
     #[error("broker error while {action}: {source}")]
     Broker {
         /// What was being done.
         action: String,
-        /// What lapin reported.
+        /// What the AMQP client reported.
         #[source]
-        source: lapin::Error,
+        source: BrokerError,
     },
     /// Invalid configuration (a URL, a namespace, a task filter, ...).
     #[error("invalid configuration: {0}")]
@@ -203,6 +204,30 @@ pub enum Error {
         "shutdown grace period of {0:?} ran out with {1} task(s) still running; they will be redelivered"
     )]
     GraceExpired(Duration, usize),
+}
+
+/// What the AMQP client library reported, as the source of an [`Error`]: its message, and the
+/// library's own error as its [`source`](std::error::Error::source) (so that the library's types
+/// are not part of this crate's API).
+#[derive(Debug)]
+pub struct BrokerError(lapin::Error);
+
+impl BrokerError {
+    pub(crate) fn new(error: lapin::Error) -> Self {
+        BrokerError(error)
+    }
+}
+
+impl fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BrokerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Property tests of everything that reads bytes or headers from the wire: no input makes it
 //! panic, and what is written reads back.
 
-use crate::codec::Codec;
-use crate::task::Task;
-use crate::trace::TraceParent;
-use crate::wire::{self, TaskHeaders};
-use crate::worker::acker::{Ack, AckWindow};
+use crate::protocol::codec::Codec;
+use crate::protocol::headers::TaskHeaders;
+use crate::protocol::reply::{ErrorKind, decode_error};
+use crate::protocol::trace::TraceParent;
+use crate::protocol::{WIRE_VERSION, short};
+use crate::task::{Task, decode_args, encode_args};
+use crate::worker::settle::{Ack, AckWindow};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
@@ -69,7 +71,7 @@ proptest! {
         let rewritten = headers.write_into(table.clone());
         let mut again = TaskHeaders::from_table(Some(&rewritten));
         // An absent `wire` header means the current version: not written, read as absent.
-        if headers.wire == Some(wire::WIRE_VERSION) {
+        if headers.wire == Some(WIRE_VERSION) {
             prop_assert_eq!(again.wire, None);
             again.wire = headers.wire;
         }
@@ -81,8 +83,8 @@ proptest! {
     #[test]
     fn argument_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         for codec in [Codec::Bincode, Codec::Json] {
-            let _ = codec.decode_args::<sample>(&bytes);
-            let _ = wire::decode_error::<String>(codec, &bytes);
+            let _ = decode_args::<sample>(codec, &bytes);
+            let _ = decode_error::<String>(codec, &bytes);
             let _ = codec.decode::<Vec<Option<String>>>(&bytes);
         }
     }
@@ -95,7 +97,7 @@ proptest! {
         let keys = ["name", "count", "tags", "limit"];
         object.as_object_mut().unwrap().remove(keys[drop_key]);
         object.as_object_mut().unwrap().insert(format!("zz{extra}"), serde_json::json!(1));
-        let error = Codec::Json.decode_args::<sample>(&serde_json::to_vec(&object).unwrap()).unwrap_err().to_string();
+        let error = decode_args::<sample>(Codec::Json, &serde_json::to_vec(&object).unwrap()).unwrap_err().to_string();
         if keys[drop_key] == "limit" {
             // An Option may be left out: the unknown key is what is wrong.
             prop_assert!(error.contains(&format!("unknown argument `zz{extra}`")), "{}", error);
@@ -110,11 +112,11 @@ proptest! {
     ) {
         let args = (name, count, tags, limit);
         for codec in [Codec::Bincode, Codec::Json] {
-            let bytes = codec.encode_args::<sample>(&args).unwrap();
-            prop_assert_eq!(&codec.decode_args::<sample>(&bytes).unwrap(), &args);
+            let bytes = encode_args::<sample>(codec, &args).unwrap();
+            prop_assert_eq!(&decode_args::<sample>(codec, &bytes).unwrap(), &args);
             if codec == Codec::Bincode && !bytes.is_empty() {
                 // A truncated body is an error, never a wrong value.
-                prop_assert!(codec.decode_args::<sample>(&bytes[..bytes.len() - 1]).is_err());
+                prop_assert!(decode_args::<sample>(codec, &bytes[..bytes.len() - 1]).is_err());
             }
         }
     }
@@ -123,8 +125,8 @@ proptest! {
     fn text_fields_never_panic(text in ".{0,80}") {
         let _ = TraceParent::parse(&text);
         let _ = Codec::from_content_type(&text);
-        let _ = wire::ErrorKind::parse(&text);
-        let _ = wire::short(&text.repeat(8));
+        let _ = ErrorKind::parse(&text);
+        let _ = short(&text.repeat(8));
     }
 
     /// Whatever order handlers finish in, and whatever is requeued, every ack the acker sends

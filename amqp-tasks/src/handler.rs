@@ -1,18 +1,10 @@
-//! Running a task: decode its arguments, run the handler under its time limit with panics caught,
-//! and encode what came out. Generic over the task, erased behind a function pointer for the
-//! registry.
+//! [`Handler`]: the server side of a task with a body, which `#[task]` implements (run the
+//! function, describe its error, say whether to retry it), and [`Retryable`], by which an error
+//! type says what is worth another attempt. Running a handler is the worker's.
 
-use crate::codec::Codec;
 use crate::context::Context;
-use crate::signature::normalize;
 use crate::task::Task;
-use crate::wire::{ErrorKind, ErrorReply};
-use std::any::Any;
 use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
-use std::task::Poll;
-use std::time::Duration;
 
 /// The server side of a task with a body: `#[task]` implements it; you do not.
 pub trait Handler: Task {
@@ -52,14 +44,15 @@ pub mod retry {
     use super::Retryable;
 
     /// Wraps the error for method resolution.
-    pub struct Verdict<'a, T>(pub &'a T);
+    #[derive(Debug)]
+    pub struct Check<'a, T>(pub &'a T);
 
     /// Chosen when the error implements [`Retryable`].
     pub trait AskTheError {
         /// The verdict.
         fn should_retry(&self) -> bool;
     }
-    impl<T: Retryable> AskTheError for &Verdict<'_, T> {
+    impl<T: Retryable> AskTheError for &Check<'_, T> {
         fn should_retry(&self) -> bool {
             self.0.is_retryable()
         }
@@ -70,126 +63,10 @@ pub mod retry {
         /// The verdict.
         fn should_retry(&self) -> bool;
     }
-    impl<T> RetryAll for Verdict<'_, T> {
+    impl<T> RetryAll for Check<'_, T> {
         fn should_retry(&self) -> bool {
             true
         }
-    }
-}
-
-/// What came out of a run, encoded in the request's codec.
-pub(crate) enum Outcome {
-    /// The value, for a `result` reply.
-    Value(Vec<u8>),
-    /// The task's own error, as an `error` reply body; `retryable` if another attempt may help.
-    TaskError {
-        body: Vec<u8>,
-        message: String,
-        retryable: bool,
-    },
-    /// A framework failure: answered, and dead-lettered (a panic is retried if the task asks).
-    Failure {
-        kind: ErrorKind,
-        message: String,
-        retryable: bool,
-    },
-}
-
-impl Outcome {
-    fn failure(kind: ErrorKind, message: String) -> Outcome {
-        Outcome::Failure {
-            kind,
-            message,
-            retryable: false,
-        }
-    }
-}
-
-/// Decodes the arguments from the borrowed body (no copy of it), then returns the run.
-pub(crate) fn run<T: Handler>(
-    ctx: Context,
-    codec: Codec,
-    body: &[u8],
-) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
-    let args = match codec.decode_args::<T>(body) {
-        Ok(args) => args,
-        Err(error) => {
-            let failure = Outcome::failure(ErrorKind::BadPayload, error.to_string());
-            return Box::pin(std::future::ready(failure));
-        }
-    };
-    Box::pin(async move {
-        match tokio::time::timeout(T::TIMEOUT, CatchUnwind(T::run(ctx, args))).await {
-            Err(_) => Outcome::failure(
-                ErrorKind::TimeLimit,
-                format!("cancelled after its time limit of {}", human(T::TIMEOUT)),
-            ),
-            Ok(Err(panic)) => Outcome::Failure {
-                kind: ErrorKind::Panicked,
-                message: panic_message(&*panic),
-                retryable: T::RETRY_ON_PANIC,
-            },
-            Ok(Ok(Ok(value))) => match codec.encode(&value) {
-                Ok(body) => Outcome::Value(body),
-                Err(error) => Outcome::failure(
-                    ErrorKind::BadResult,
-                    format!("the result could not be encoded: {error}"),
-                ),
-            },
-            Ok(Ok(Err(error))) => {
-                let message = T::error_message(&error);
-                let retryable = T::should_retry(&error);
-                let type_name = normalize(std::any::type_name::<T::Error>());
-                let reply =
-                    ErrorReply::new(ErrorKind::Task, &type_name, message.clone(), Some(error));
-                match codec.encode(&reply) {
-                    Ok(body) => Outcome::TaskError {
-                        body,
-                        message,
-                        retryable,
-                    },
-                    Err(error) => Outcome::failure(
-                        ErrorKind::BadResult,
-                        format!("the task's error could not be encoded: {error}"),
-                    ),
-                }
-            }
-        }
-    })
-}
-
-/// `catch_unwind` for a future: a panic in the handler becomes an error reply, not a dead worker.
-struct CatchUnwind<F>(F);
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: structural pinning of the only field; it is never moved out.
-        let inner = unsafe { self.map_unchecked_mut(|this| &mut this.0) };
-        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
-            Err(panic) => Poll::Ready(Err(panic)),
-        }
-    }
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic without a message".to_owned()
-    }
-}
-
-pub(crate) fn human(duration: Duration) -> String {
-    if duration.subsec_millis() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis())
     }
 }
 
@@ -199,6 +76,7 @@ pub mod message {
     use std::fmt::{Debug, Display};
 
     /// Wraps the error for method resolution.
+    #[derive(Debug)]
     pub struct Message<'a, T>(pub &'a T);
 
     /// Chosen when the error implements `Display`.
@@ -230,7 +108,7 @@ pub mod message {
     }
     impl<T> ViaTypeName for Message<'_, T> {
         fn text(&self) -> String {
-            super::normalize(std::any::type_name::<T>())
+            crate::protocol::signature::normalize(std::any::type_name::<T>())
         }
     }
 }
@@ -238,7 +116,6 @@ pub mod message {
 #[cfg(test)]
 mod tests {
     use super::message::*;
-    use super::*;
 
     #[derive(Debug)]
     struct DebugOnly;
@@ -250,13 +127,5 @@ mod tests {
         assert_eq!((&&&Message(&"shown".to_owned())).text(), "shown");
         assert_eq!((&&&Message(&DebugOnly)).text(), "DebugOnly");
         assert_eq!((&&&Message(&Opaque)).text(), "Opaque");
-    }
-
-    #[tokio::test]
-    async fn panics_are_caught() {
-        let result = CatchUnwind(async { panic!("boom {}", 1) }).await;
-        assert_eq!(panic_message(&*result.unwrap_err()), "boom 1");
-        let fine = CatchUnwind(async { 5 }).await;
-        assert_eq!(fine.unwrap(), 5);
     }
 }

@@ -71,9 +71,9 @@
 //!
 //! Attribute keys: `name` (default: the function's name), `queue` (default: the name; tasks that
 //! share a queue are served by one consumer), `timeout` (the handler's time limit and the default
-//! deadline of calls; seconds or `"500ms"`, `"30s"`, `"2m"`; default 60 s), `retries`, `backoff`,
-//! `codec` (`"bincode"`, the default, or `"json"`). Any other key is a compile error that lists
-//! these.
+//! deadline of calls; seconds or `"500ms"`, `"30s"`, `"2m"`, `"1h 30m"`; default 60 s),
+//! `retries`, `backoff`, `retry_on_panic`, `codec` (`"bincode"`, the default, or `"json"`); see
+//! [`task`] for each. Any other key is a compile error that lists these.
 //!
 //! Arguments and results must be `Serialize + DeserializeOwned + Send + 'static`; a first
 //! parameter of type [`Context`] is given by the worker and is not part of the stub. The function
@@ -93,8 +93,30 @@
 //! one where two tasks share a name.
 //!
 //! The wire format is documented in [`wire`]; the queues in [`topology`].
+//!
+//! # Layers
+//!
+//! The crate is built in layers that import downward only:
+//!
+//! | layer | owns | must not |
+//! |---|---|---|
+//! | `protocol` | headers, replies and their [`CallError`]s, dead letters, [`topology`], [`codec`]s, signatures, trace ids, durations, the retry policy: pure data, documented in [`wire`] | do I/O |
+//! | `transport` | one broker session: connecting and reconnecting, publishing with confirms, reply routing, probes, declaring | know about tasks |
+//! | `client` | [`Client`], [`TaskCall`], [`DynamicCall`], [`Caller`]: sending calls within their deadlines | know how tasks are served |
+//! | `worker` | [`Worker`], the [`registry`], the pipeline of a delivery (admit → execute → decide → dispose → settle), the [`worker::dlq`] tools, the `worker` command line | be imported by the layers below |
+//!
+//! Beside them: [`Task`] (a task's types and settings), [`Context`] (what a running task knows,
+//! a caller above the client layer), the `#[task]` support traits ([`Retryable`]) and
+//! [`Error`]/[`CallError`].
+//!
+//! # Features
+//!
+//! - `cli` (default): the `worker` binary's command line ([`worker::main`]), the `amqp-tasks`
+//!   shell command ([`shell`]), and logging to stderr. Turn it off (`default-features = false`)
+//!   to embed a worker without clap and tracing-subscriber.
 
-#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 // Lets the crate's own tests use `#[task]`, whose expansion names `::amqp_tasks`.
 #[cfg(test)]
@@ -103,21 +125,20 @@ extern crate self as amqp_tasks;
 mod fuzz;
 
 mod client;
-pub mod codec;
 mod context;
-mod dynamic;
 mod error;
 mod handler;
-mod inspect;
-pub mod registry;
-mod send;
+mod protocol;
+#[cfg(feature = "cli")]
 pub mod shell;
-mod signature;
 mod task;
-pub mod topology;
-mod trace;
+mod transport;
 pub mod wire;
 pub mod worker;
+
+pub use protocol::codec;
+pub use protocol::topology;
+pub use worker::registry;
 
 /// Turns an `async fn` into a task.
 ///
@@ -135,7 +156,7 @@ pub mod worker;
 /// | `queue` | the queue it is sent to (tasks may share one) | the name |
 /// | `timeout` | the handler's time limit, and the default deadline of calls (seconds, or `"500ms"`, `"30s"`, `"2m"`, `"1h"`) | 60 s |
 /// | `retries` | attempts after the first when the task returns `Err` (see [`Retryable`]) | 0 |
-/// | `backoff` | delay before the first retry, doubled each time, with ±20% jitter | 1 s |
+/// | `backoff` | delay before the first retry, doubled each time, each delay ±20 % | 1 s |
 /// | `retry_on_panic` | retry a panic like an error | `false` |
 /// | `codec` | `"bincode"` or `"json"`, for calls through the stub | `"bincode"` |
 ///
@@ -152,36 +173,31 @@ pub mod worker;
 /// A task may run at most RabbitMQ's `consumer_timeout` (30 minutes by default): past it the
 /// broker closes the worker's channel and redelivers the task.
 pub use amqp_tasks_macros::task;
-pub use client::{Client, ClientBuilder, DEFAULT_URL};
+pub use client::{
+    Caller, Client, ClientBuilder, DEFAULT_URL, DynamicCall, QueueStatus, TaskCall, TaskFailure,
+};
 pub use codec::{Codec, CodecError};
 pub use context::Context;
-pub use dynamic::{DynamicCall, TaskFailure};
-pub use error::{CallError, Error, Never};
+pub use error::{BrokerError, CallError, Error, Never};
 pub use handler::Retryable;
-pub use inspect::QueueStatus;
-pub use signature::Signature;
-pub use task::{Caller, Param, Task, TaskCall, TaskId};
+pub use protocol::signature::Signature;
+pub use task::{Param, Task, TaskId};
 pub use topology::QueueType;
 pub use worker::{Worker, WorkerBuilder};
 
 #[doc(hidden)]
 pub mod __private {
     //! Used by the code `#[task]` generates; not a public API.
-    pub use crate::codec::{JsonArgsReader, JsonArgsWriter};
+    pub use crate::client::caller::Origin;
     pub use crate::handler::{Handler, message, retry};
-    pub use crate::registry::Registration;
-    pub use crate::signature::Signature;
-    pub use crate::task::Param;
+    pub use crate::protocol::json_args::{JsonArgsReader, JsonArgsWriter};
+    pub use crate::protocol::signature::Signature;
+    pub use crate::task::{DEFAULT_BACKOFF, DEFAULT_TIMEOUT, Param};
+    pub use crate::worker::registry::Registration;
     pub use inventory;
 
     use serde::Serialize;
     use serde::de::DeserializeOwned;
-    use std::time::Duration;
-
-    /// A task's time limit and call deadline when it sets no `timeout`.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-    /// The first retry delay when a task sets no `backoff`.
-    pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
 
     /// What a task argument must be.
     #[diagnostic::on_unimplemented(

@@ -30,10 +30,9 @@
 //! | 4 | the broker could not be reached, or the connection dropped |
 //! | 5 | the call failed in the framework: no queue for the task (`no_route`), unknown task, arguments the worker could not decode, panic, time limit, rejected, undecodable reply; for `queues`: a queue does not exist |
 
-use crate::client::{Client, DEFAULT_URL};
-use crate::dynamic::DynamicCall;
+use crate::client::{Client, DEFAULT_URL, DynamicCall};
 use crate::error::{CallError, Error};
-use crate::worker::cli::parse_duration;
+use crate::protocol::duration;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -86,7 +85,7 @@ enum Command {
         delay: bool,
         /// How long to wait for the answer (with --delay: for the broker's confirm)
         /// [default: 61s for a call, 30s for a confirm].
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration::parse)]
         timeout: Option<Duration>,
         /// The task's queue, when it is not named after the task (`#[task(queue = "...")]`).
         #[arg(long)]

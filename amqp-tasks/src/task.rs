@@ -1,16 +1,20 @@
-//! Tasks as types: the [`Task`] trait the macro implements for each stub, and [`TaskCall`], the
-//! typed call that `NAME::new(args…)` builds.
+//! Tasks as types: the [`Task`] trait that `#[task]` implements for each stub (its name, queue,
+//! limits, argument and result types, signature), [`TaskId`], and how a task's arguments map onto
+//! each codec. Calling a task is the client's ([`TaskCall`](crate::TaskCall)); serving one is the
+//! worker's.
 
-use crate::client::Client;
-use crate::codec::{Codec, CodecError};
-use crate::context::Context;
-use crate::error::CallError;
-use crate::send::{self, Outgoing};
-use crate::signature::Signature;
+use crate::protocol::codec::{Codec, CodecError};
+use crate::protocol::json_args::{JsonArgsReader, JsonArgsWriter};
+use crate::protocol::signature::Signature;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+/// A task's time limit and call deadline when it sets no `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first retry delay when a task sets no `backoff`.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A task's identity and types. `#[task]` implements it for the stub type it generates; you do
 /// not implement it by hand.
@@ -42,12 +46,9 @@ pub trait Task: Send + Sync + 'static {
     /// The signature fingerprint sent with every call.
     fn signature() -> &'static Signature;
     /// Writes the arguments as a JSON object (generated per task).
-    fn write_json(
-        args: &Self::Args,
-        writer: &mut crate::codec::JsonArgsWriter,
-    ) -> Result<(), CodecError>;
+    fn write_json(args: &Self::Args, writer: &mut JsonArgsWriter) -> Result<(), CodecError>;
     /// Reads the arguments from a JSON object (generated per task).
-    fn read_json(reader: &mut crate::codec::JsonArgsReader) -> Result<Self::Args, CodecError>;
+    fn read_json(reader: &mut JsonArgsReader) -> Result<Self::Args, CodecError>;
 }
 
 /// A parameter of a task: its name (the JSON key) and its type as written.
@@ -68,7 +69,7 @@ pub struct TaskId(String);
 impl TaskId {
     /// A new random id.
     pub fn new() -> TaskId {
-        TaskId(crate::trace::random_uuid().to_string())
+        TaskId(crate::protocol::trace::random_uuid().to_string())
     }
 
     /// The id as text.
@@ -101,171 +102,27 @@ impl From<&str> for TaskId {
     }
 }
 
-mod sealed {
-    pub trait Sealed {
-        fn origin(&self) -> super::Origin<'_>;
-    }
-}
-
-/// Something a task can be sent from: a [`Client`], or the [`Context`] of a running task (then
-/// the call inherits its trace and, for `.call()`, its remaining deadline).
-pub trait Caller: sealed::Sealed + Sync {}
-
-#[doc(hidden)]
-pub struct Origin<'a> {
-    pub(crate) client: &'a Client,
-    pub(crate) parent: Option<&'a Context>,
-}
-
-impl sealed::Sealed for Client {
-    fn origin(&self) -> Origin<'_> {
-        Origin {
-            client: self,
-            parent: None,
+/// Encodes a task's arguments: a tuple in bincode, an object keyed by parameter name in JSON.
+pub(crate) fn encode_args<T: Task>(codec: Codec, args: &T::Args) -> Result<Vec<u8>, CodecError> {
+    match codec {
+        Codec::Bincode => codec.encode(args),
+        Codec::Json => {
+            let mut writer = JsonArgsWriter::default();
+            T::write_json(args, &mut writer)?;
+            Ok(writer.finish())
         }
     }
 }
-impl Caller for Client {}
 
-impl sealed::Sealed for Context {
-    fn origin(&self) -> Origin<'_> {
-        Origin {
-            client: self.client(),
-            parent: Some(self),
+/// Decodes a task's arguments; JSON errors name the argument at fault.
+pub(crate) fn decode_args<T: Task>(codec: Codec, bytes: &[u8]) -> Result<T::Args, CodecError> {
+    match codec {
+        Codec::Bincode => codec.decode(bytes),
+        Codec::Json => {
+            let mut reader = JsonArgsReader::parse(bytes)?;
+            let args = T::read_json(&mut reader)?;
+            reader.finish(T::PARAMS.iter().map(|p| p.name))?;
+            Ok(args)
         }
-    }
-}
-impl Caller for Context {}
-
-/// A typed call of task `T`, built by `T::new(args…)`; options chain before
-/// [`delay`](TaskCall::delay) or [`call`](TaskCall::call).
-#[must_use = "a TaskCall does nothing until `.delay(&caller)` or `.call(&caller)`"]
-pub struct TaskCall<T: Task> {
-    args: T::Args,
-    timeout: Option<Duration>,
-    eta: Option<SystemTime>,
-    codec: Codec,
-    task_id: Option<TaskId>,
-}
-
-impl<T: Task> fmt::Debug for TaskCall<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskCall")
-            .field("task", &T::NAME)
-            .field("timeout", &self.timeout)
-            .field("codec", &self.codec)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: Task> TaskCall<T> {
-    /// A call with these arguments (what `T::new(args…)` does).
-    pub fn new(args: T::Args) -> Self {
-        TaskCall {
-            args,
-            timeout: None,
-            eta: None,
-            codec: T::CODEC,
-            task_id: None,
-        }
-    }
-
-    /// Shortens the deadline of `.call()` (it cannot be longer than its default).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// Sends the arguments in this codec instead of the task's.
-    pub fn codec(mut self, codec: Codec) -> Self {
-        self.codec = codec;
-        self
-    }
-
-    /// Uses this task id instead of a fresh one (an idempotency key chosen by the caller).
-    pub fn task_id(mut self, id: impl Into<TaskId>) -> Self {
-        self.task_id = Some(id.into());
-        self
-    }
-
-    /// Runs the task after this delay (held by the broker, resolution 100 ms; see
-    /// [`topology`](crate::topology)).
-    pub fn countdown(mut self, delay: Duration) -> Self {
-        self.eta = Some(SystemTime::now() + delay);
-        self
-    }
-
-    /// Runs the task not before this time (held by the broker, resolution 100 ms).
-    pub fn eta(mut self, eta: SystemTime) -> Self {
-        self.eta = Some(eta);
-        self
-    }
-
-    /// Fire and forget: returns the task id once the broker has confirmed the message
-    /// (persistent, in a durable queue).
-    ///
-    /// Concurrent `.delay()`s pipeline their publishes and confirms; to send many from one
-    /// place, [`Client::delay_all`] does it for you.
-    pub async fn delay(self, caller: &impl Caller) -> Result<TaskId, CallError> {
-        let origin = caller.origin();
-        let out = self.outgoing()?;
-        send::delay(&origin, out).await
-    }
-
-    /// Sends the task and awaits its result, until the deadline: by default, the task's
-    /// `timeout` for each attempt it may make, plus its retry backoffs, plus one second (so that
-    /// a time-limit error can still reach the caller); shortened by [`TaskCall::timeout`] and,
-    /// from a [`Context`], by the caller's own remaining deadline.
-    pub async fn call(self, caller: &impl Caller) -> Result<T::Output, CallError<T::Error>> {
-        let origin = caller.origin();
-        let codec = self.codec;
-        let out = self.outgoing().map_err(CallError::widen)?;
-        let reply = send::call(&origin, out).await.map_err(CallError::widen)?;
-        send::decode_reply::<T::Output, T::Error>(reply, codec)
-    }
-
-    pub(crate) fn outgoing(self) -> Result<Outgoing<'static>, CallError> {
-        let body = self
-            .codec
-            .encode_args::<T>(&self.args)
-            .map_err(|e| CallError::Encode(e.to_string()))?;
-        Ok(Outgoing {
-            name: T::NAME,
-            queue: T::QUEUE,
-            signature: Some(T::signature().fingerprint()),
-            codec: self.codec,
-            body,
-            id: self.task_id.unwrap_or_default(),
-            eta: self.eta,
-            ceiling: send::ceiling(T::TIMEOUT, T::RETRIES, T::BACKOFF),
-            timeout: self.timeout,
-        })
-    }
-}
-
-impl Client {
-    /// Sends many calls of one task at once (fire and forget): every message is published before
-    /// the first confirm is awaited, so a batch costs about one broker round trip, not one per
-    /// task. One result per call, in order; see [`TaskCall::delay`].
-    ///
-    /// ```no_run
-    /// # use amqp_tasks::{task, Client};
-    /// # #[task] async fn resize(url: String, width: u32) {}
-    /// # async fn example(client: &Client, urls: Vec<String>) {
-    /// let calls = urls.into_iter().map(|url| resize::new(url, 640));
-    /// for sent in client.delay_all(calls).await {
-    ///     if let Err(error) = sent {
-    ///         eprintln!("not sent: {error}");
-    ///     }
-    /// }
-    /// # }
-    /// ```
-    pub async fn delay_all<T: Task>(
-        &self,
-        calls: impl IntoIterator<Item = TaskCall<T>>,
-    ) -> Vec<Result<TaskId, CallError>> {
-        let origin = sealed::Sealed::origin(self);
-        let outs = calls.into_iter().map(TaskCall::outgoing).collect();
-        send::delay_batch(&origin, outs).await
     }
 }

@@ -293,3 +293,14 @@ pub async fn panics_once(path: String) -> u32 {
     }
     runs
 }
+
+// --- signatures ----------------------------------------------------------------------------------
+
+/// An alias: the signature is taken from the types as written (`Meters`), where earlier releases
+/// took `type_name`'s (`u32`).
+pub type Meters = u32;
+
+#[task]
+pub async fn walk(distance: Meters) -> Meters {
+    distance * 2
+}

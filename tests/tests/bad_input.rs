@@ -174,7 +174,11 @@ async fn malformed_messages_are_answered_and_dead_lettered() {
         ] {
             let error = bincode_error(answer);
             assert_eq!(error.kind, kind, "{error:?}");
-            assert_eq!(error.args, std::slice::from_ref(&error.message), "{error:?}");
+            assert_eq!(
+                error.args,
+                std::slice::from_ref(&error.message),
+                "{error:?}"
+            );
             assert!(error.value.is_none(), "{error:?}");
         }
         let unknown_error = bincode_error(&unknown);
@@ -413,6 +417,62 @@ async fn the_client_decodes_framework_errors_into_their_variants() {
             dead_letters(&env, &raw, "greet", 1).await[0].0,
             "bad_payload"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fingerprint_of_the_previous_release_is_accepted() {
+    let env = TestEnv::new("legacy-signature");
+    bounded(LIMIT, async {
+        let _worker = env.worker(WORKER, &["--tasks", "walk"]).ready().await;
+        let client = env.client().await;
+        // Today's stub: the types as written.
+        assert_eq!(walk::new(21).call(&client).await, Ok(42));
+        // What a stub built by an earlier release sends: the fingerprint of `type_name`'s text,
+        // which differs for an alias. A rolling upgrade must not answer `SignatureMismatch`.
+        use amqp_tasks::Task;
+        let signature = walk::signature();
+        let legacy = signature
+            .legacy_fingerprint()
+            .expect("an alias gives two fingerprints")
+            .to_owned();
+        assert_ne!(legacy, signature.fingerprint());
+        let raw = env.raw().await;
+        let body = amqp_tasks::Codec::Bincode.encode(&(5u32,)).unwrap();
+        let mut headers = task_header("walk");
+        headers.insert(
+            "signature".into(),
+            AMQPValue::LongString(legacy.as_str().into()),
+        );
+        let answer = send(
+            &raw,
+            &env.queue("walk"),
+            Some("application/x-bincode"),
+            headers,
+            &body,
+        )
+        .await;
+        assert_eq!(answer.kind, "result");
+        assert_eq!(
+            amqp_tasks::Codec::Bincode.decode::<u32>(&answer.raw),
+            Ok(10)
+        );
+        // Any other fingerprint is still refused.
+        let mut headers = task_header("walk");
+        headers.insert(
+            "signature".into(),
+            AMQPValue::LongString("0123456789abcdef".into()),
+        );
+        let refused = send(
+            &raw,
+            &env.queue("walk"),
+            Some("application/x-bincode"),
+            headers,
+            &body,
+        )
+        .await;
+        assert_eq!(bincode_error(&refused).kind, "signature_mismatch");
     })
     .await;
 }

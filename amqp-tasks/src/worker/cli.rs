@@ -1,9 +1,10 @@
-//! The `worker` binary's command line: `fn main() -> ExitCode { amqp_tasks::worker::main() }`.
+//! The `worker` binary's command line: `fn main() -> ExitCode { amqp_tasks::worker::main() }`
+//! (behind the default feature `cli`).
 
-use super::Worker;
+use super::{Worker, registry};
 use crate::client::{Client, DEFAULT_URL};
-use crate::registry;
-use crate::topology::QueueType;
+use crate::protocol::duration::{self, human};
+use crate::protocol::topology::{self, QueueType};
 use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -180,11 +181,11 @@ async fn admin(cli: &Cli, command: &Command) -> Result<(), crate::Error> {
             action: DlqAction::List { task, limit },
         } => {
             let queue = queue_of(task)?;
-            let letters = super::dead_letters::list(&client, &queue, *limit).await?;
+            let letters = super::dlq::list(&client, &queue, *limit).await?;
             println!(
                 "{} dead letter(s) in {}",
                 letters.len(),
-                crate::topology::dead_letter_queue(&queue)
+                topology::dead_letter_queue(&queue)
             );
             for letter in letters {
                 println!("{letter}");
@@ -195,18 +196,20 @@ async fn admin(cli: &Cli, command: &Command) -> Result<(), crate::Error> {
             action: DlqAction::Replay { task, id, limit },
         } => {
             let queue = queue_of(task)?;
-            let replayed =
-                super::dead_letters::replay(&client, &queue, id.as_deref(), *limit).await?;
+            let replayed = super::dlq::replay(&client, &queue, id.as_deref(), *limit).await?;
             println!("replayed {replayed} message(s) into {queue}");
             Ok(())
         }
         Command::Declare => {
-            let tasks = registry::select(&registry::tasks(), cli.tasks.as_deref())?;
-            let queues = super::declare(&client, &tasks, cli.queue_type).await?;
+            let mut builder = Worker::builder(client.clone()).queue_type(cli.queue_type);
+            if let Some(tasks) = &cli.tasks {
+                builder = builder.tasks(tasks.iter().filter(|t| !t.is_empty()).cloned());
+            }
+            let queues = builder.build()?.declare().await?;
             for queue in queues {
                 println!(
                     "declared {queue} and {}",
-                    crate::topology::dead_letter_queue(&queue)
+                    topology::dead_letter_queue(&queue)
                 );
             }
             println!("declared the delay queues of namespace `{}`", cli.namespace);
@@ -228,8 +231,8 @@ fn print_list(cli: &Cli) {
         println!("{}", task.describe());
         println!(
             "    queue: {}  timeout: {}  retries: {}  signature: {}",
-            crate::topology::queue_name(namespace, task.queue()),
-            crate::handler::human(task.timeout()),
+            topology::queue_name(namespace, task.queue()),
+            human(task.timeout()),
             task.retries(),
             task.signature().fingerprint()
         );
@@ -273,39 +276,15 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
+/// A command-line duration: `500ms`, `30s`, `2m`, `1h 30m`, or a bare number of seconds (the
+/// syntax of `#[task(timeout = ...)]` too).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 30s, 2m or 1h"))?;
-    let millis = match unit.trim() {
-        "ms" => Some(number),
-        "" | "s" => number.checked_mul(1_000),
-        "m" | "min" => number.checked_mul(60_000),
-        "h" => number.checked_mul(3_600_000),
-        _ => None,
-    };
-    millis
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is not a duration such as 500ms, 30s, 2m or 1h"))
+    duration::parse(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn the_command_line_is_consistent() {

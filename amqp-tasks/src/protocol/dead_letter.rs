@@ -1,21 +1,50 @@
-//! Dead-letter tooling: list the messages in a task queue's `.dlq` with their reasons, and replay
-//! them into the task queue once the cause is fixed (`worker dlq list|replay <task>`).
+//! Dead letters: the headers a worker adds to a message it dead-letters (`dead_reason`,
+//! `dead_error`, `dead_queue`, `dead_at`), reading them back into a [`DeadLetter`], and the
+//! message a replay publishes. Written and read here only; pure (the worker and the `dlq` tools
+//! do the I/O).
 
-use crate::client::Client;
-use crate::codec::Codec;
-use crate::error::{CallError, Error};
-use crate::send::unix_ms;
-use crate::topology;
-use crate::wire::{self, TaskHeaders, header, value_i64, value_string};
+use super::codec::Codec;
+use super::headers::{TaskHeaders, header, value_i64, value_string};
+use super::properties::copy_properties;
+use super::reply::ErrorKind;
+use super::{TYPE_CALL, unix_ms};
 use lapin::BasicProperties;
-use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use std::time::SystemTime;
-use tokio::time::Instant;
+
+/// The properties of the dead letter of a message: the original's (minus `expiration`),
+/// persistent, with the original headers plus why, where from and when.
+pub(crate) fn dead_letter_properties(
+    original: &BasicProperties,
+    reason: ErrorKind,
+    error: &str,
+    queue: &str,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(
+        header::DEAD_REASON.into(),
+        AMQPValue::LongString(reason.as_str().into()),
+    );
+    headers.insert(
+        header::DEAD_ERROR.into(),
+        AMQPValue::LongString(error.into()),
+    );
+    headers.insert(
+        header::DEAD_QUEUE.into(),
+        AMQPValue::LongString(queue.into()),
+    );
+    headers.insert(
+        header::DEAD_AT.into(),
+        AMQPValue::LongLongInt(i64::try_from(unix_ms(SystemTime::now())).unwrap_or(i64::MAX)),
+    );
+    copy_properties(original)
+        .with_delivery_mode(2)
+        .with_headers(headers)
+}
 
 /// A dead-lettered task, as listed.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The task id (`message_id`).
     pub id: String,
@@ -35,97 +64,8 @@ pub struct DeadLetter {
     pub body: String,
 }
 
-/// Lists up to `limit` dead letters of the task queue `queue` (namespaced) without removing them.
-pub async fn list(client: &Client, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, Error> {
-    let dlq = topology::dead_letter_queue(queue);
-    let channel = channel(client).await?;
-    let mut letters = Vec::new();
-    while letters.len() < limit {
-        let Some(message) = get(&channel, &dlq).await? else {
-            break;
-        };
-        letters.push(describe(&message));
-    }
-    // Unacked: closing the channel puts them back where they were.
-    let _ = channel.close(200, "listed".into()).await;
-    Ok(letters)
-}
-
-/// Moves dead letters back into their task queue (all of them, those of task id `only`, at most
-/// `limit`), each with its task id, its attempt count reset, and without `reply_to`,
-/// `expiration` or deadline: nobody waits for a replay. Returns how many were replayed.
-pub async fn replay(
-    client: &Client,
-    queue: &str,
-    only: Option<&str>,
-    limit: Option<usize>,
-) -> Result<usize, Error> {
-    let dlq = topology::dead_letter_queue(queue);
-    let channel = channel(client).await?;
-    let mut replayed = 0;
-    while limit.is_none_or(|limit| replayed < limit) {
-        let Some(message) = get(&channel, &dlq).await? else {
-            break;
-        };
-        let delivery = &message.delivery;
-        let id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned());
-        if only.is_some_and(|only| id.as_deref() != Some(only)) {
-            continue; // left unacked: back in the dead-letter queue when the channel closes
-        }
-        let (target, properties) = fresh(queue, &delivery.properties);
-        let deadline = Instant::now() + client.confirm_timeout();
-        client
-            .publish(&target, &delivery.data, properties, None, deadline)
-            .await
-            .map_err(|e| replay_failed(&target, e))?;
-        channel
-            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-            .await
-            .map_err(|source| Error::Broker {
-                action: format!("acking a replayed message of `{dlq}`"),
-                source,
-            })?;
-        replayed += 1;
-    }
-    let _ = channel.close(200, "replayed".into()).await;
-    Ok(replayed)
-}
-
-fn replay_failed(queue: &str, error: CallError) -> Error {
-    Error::Config(format!("could not replay into `{queue}`: {error}"))
-}
-
-async fn channel(client: &Client) -> Result<lapin::Channel, Error> {
-    let session = client
-        .session()
-        .await
-        .map_err(|e| Error::Config(e.to_string()))?;
-    session
-        .connection
-        .create_channel()
-        .await
-        .map_err(|source| Error::Broker {
-            action: "opening a channel".to_owned(),
-            source,
-        })
-}
-
-async fn get(channel: &lapin::Channel, dlq: &str) -> Result<Option<BasicGetMessage>, Error> {
-    channel
-        .basic_get(dlq.into(), BasicGetOptions { no_ack: false })
-        .await
-        .map_err(|source| Error::Broker {
-            action: format!("reading `{dlq}` (does the task have a worker that declared it?)"),
-            source,
-        })
-}
-
 /// The message as it goes back: same id, body and codec, a first attempt, nobody waiting.
-fn fresh(queue: &str, original: &BasicProperties) -> (String, BasicProperties) {
+pub(crate) fn fresh(queue: &str, original: &BasicProperties) -> (String, BasicProperties) {
     let table = original.headers().clone().unwrap_or_default();
     let target = table
         .inner()
@@ -154,7 +94,7 @@ fn fresh(queue: &str, original: &BasicProperties) -> (String, BasicProperties) {
     }
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_type(wire::TYPE_CALL.into())
+        .with_type(TYPE_CALL.into())
         .with_headers(FieldTable::from(map));
     if let Some(v) = original.message_id() {
         properties = properties.with_message_id(v.clone());
@@ -165,8 +105,7 @@ fn fresh(queue: &str, original: &BasicProperties) -> (String, BasicProperties) {
     (target, properties)
 }
 
-fn describe(message: &BasicGetMessage) -> DeadLetter {
-    let properties = &message.delivery.properties;
+pub(crate) fn describe(properties: &BasicProperties, data: &[u8]) -> DeadLetter {
     let table = properties.headers().clone().unwrap_or_default();
     let text = |key: &str| {
         table
@@ -176,7 +115,6 @@ fn describe(message: &BasicGetMessage) -> DeadLetter {
             .unwrap_or_default()
     };
     let headers = TaskHeaders::from_table(Some(&table));
-    let data = &message.delivery.data;
     let codec = properties
         .content_type()
         .as_ref()

@@ -1,6 +1,6 @@
 //! W3C trace context (`traceparent`): one trace id follows a task through every hop, so that the
 //! logs of the producer, the relay and the worker can be joined. Also the process's cheap source
-//! of random ids.
+//! of random ids. Pure: parsing, formatting and a per-thread generator.
 
 use std::cell::Cell;
 use std::fmt;
@@ -8,7 +8,7 @@ use std::fmt;
 /// A `traceparent`: `00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`, kept as ASCII
 /// hex in fixed arrays (no allocation per task).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TraceParent {
+pub(crate) struct TraceParent {
     trace_id: [u8; 32],
     span_id: [u8; 16],
     flags: [u8; 2],
@@ -16,7 +16,7 @@ pub struct TraceParent {
 
 impl TraceParent {
     /// A new trace.
-    pub fn new_root() -> TraceParent {
+    pub(crate) fn new_root() -> TraceParent {
         let mut trace_id = [0; 32];
         hex_into(&random_u64().to_be_bytes(), &mut trace_id[..16]);
         hex_into(&random_u64().to_be_bytes(), &mut trace_id[16..]);
@@ -28,7 +28,7 @@ impl TraceParent {
     }
 
     /// The same trace, one hop further.
-    pub fn child(&self) -> TraceParent {
+    pub(crate) fn child(&self) -> TraceParent {
         TraceParent {
             trace_id: self.trace_id,
             span_id: new_span_id(),
@@ -37,7 +37,7 @@ impl TraceParent {
     }
 
     /// Parses a `traceparent` header; `None` if it is malformed (then a new trace starts).
-    pub fn parse(header: &str) -> Option<TraceParent> {
+    pub(crate) fn parse(header: &str) -> Option<TraceParent> {
         let mut parts = header.trim().split('-');
         let (version, trace_id, span_id, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -72,7 +72,7 @@ impl TraceParent {
     }
 
     /// The 32-digit trace id shared by every hop.
-    pub fn trace_id(&self) -> &str {
+    pub(crate) fn trace_id(&self) -> &str {
         std::str::from_utf8(&self.trace_id).unwrap_or_default()
     }
 }

@@ -1,14 +1,17 @@
-//! [`DynamicCall`]: a task called by name with JSON arguments, for tools, bridges and scripts that
-//! have no typed stub (the `amqp-tasks call` command is one).
+//! [`DynamicCall`]: a call of a task by name with JSON arguments, for callers that have no stub
+//! (shells, tools, other languages' conventions); [`TaskFailure`], the task error it receives.
 
-use crate::codec::Codec;
+use super::call::{Outgoing, TRANSIT_ALLOWANCE, call, delay};
+use super::caller::Caller;
 use crate::error::CallError;
-use crate::send::{self, Outgoing};
-use crate::task::{Caller, TaskId};
+use crate::protocol::codec::Codec;
+use crate::protocol::reply::decode_reply_with;
+use crate::task::TaskId;
 use std::time::{Duration, SystemTime};
 
 /// A task's own error, as a [`DynamicCall`] receives it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct TaskFailure {
     /// The error's type name (`DivError`).
     #[serde(rename = "type")]
@@ -92,7 +95,7 @@ impl DynamicCall {
         let origin = caller.origin();
         let queue = self.queue.clone().unwrap_or_else(|| self.name.clone());
         let out = self.outgoing(&queue)?;
-        send::delay(&origin, out).await
+        delay(&origin, out).await
     }
 
     /// Sends the task and awaits its JSON result; a task error arrives as
@@ -105,8 +108,8 @@ impl DynamicCall {
         let origin = caller.origin();
         let queue = self.queue.clone().unwrap_or_else(|| self.name.clone());
         let out = self.outgoing(&queue).map_err(CallError::widen)?;
-        let reply = send::call(&origin, out).await.map_err(CallError::widen)?;
-        send::decode_reply_with(reply, Codec::Json, |value, type_name, message| {
+        let reply = call(&origin, out).await.map_err(CallError::widen)?;
+        decode_reply_with(reply, Codec::Json, |value, type_name, message| {
             TaskFailure {
                 type_name,
                 message,
@@ -124,7 +127,7 @@ impl DynamicCall {
         let body = Codec::Json
             .encode(&self.args)
             .map_err(|e| CallError::Encode(e.to_string()))?;
-        let default = crate::__private::DEFAULT_TIMEOUT + send::TRANSIT_ALLOWANCE;
+        let default = crate::task::DEFAULT_TIMEOUT + TRANSIT_ALLOWANCE;
         Ok(Outgoing {
             name: &self.name,
             queue,

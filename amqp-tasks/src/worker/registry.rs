@@ -1,14 +1,15 @@
 //! The registry of tasks linked into this binary, filled at link time by `#[task]` through
-//! `inventory`.
+//! `inventory`, and the choice of which of them a worker serves.
 //!
 //! A crate's tasks are registered only if the crate is linked: a binary that serves the tasks of
 //! another crate it does not otherwise use must say `use that_crate as _;`.
 
-use crate::codec::Codec;
+use super::execute::{self, Outcome};
 use crate::context::Context;
 use crate::error::Error;
-use crate::handler::{self, Handler, Outcome};
-use crate::signature::Signature;
+use crate::handler::Handler;
+use crate::protocol::codec::Codec;
+use crate::protocol::signature::Signature;
 use crate::task::Param;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -52,7 +53,7 @@ impl Registration {
             retries: T::RETRIES,
             backoff: T::BACKOFF,
             signature: T::signature,
-            run: handler::run::<T>,
+            run: execute::run::<T>,
             module_path,
             file,
             line,

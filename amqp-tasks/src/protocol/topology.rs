@@ -1,5 +1,6 @@
-//! Topology: queue names and declarations. Frozen: a queue's arguments must match on every
-//! declare, so changing them would break every deployed worker.
+//! Topology: queue names and arguments. Frozen: a queue's arguments must match on every declare,
+//! so changing them would break every deployed worker. This module says what exists and how it is
+//! named; declaring it is the transport's (`transport::topology`).
 //!
 //! - A task queue is named after the task (or its `queue = "..."` group), prefixed with
 //!   `<namespace>.` when a namespace is configured; durable; its only argument is `x-queue-type`.
@@ -9,7 +10,7 @@
 //! # Delays
 //!
 //! Delayed tasks (`.countdown()`, `.eta()`) and retries wait in the broker, not in a worker's
-//! memory: in one of a cascade of fixed-delay queues, `<namespace>.amqp-tasks.delay.<ms>` for
+//! memory: in one of a cascade of fixed-delay queues, `<namespace>.amqp-tasks.delay.<ms>ms` for
 //! 100 ms × 2ⁿ (n = 0..=20, 100 ms to 29 h), each with `x-message-ttl` = its delay and
 //! `x-dead-letter-exchange` = `""`. A delayed message is published to the headers exchange
 //! `<namespace>.amqp-tasks.delay` with routing key = its task queue and header `delay_bucket` =
@@ -20,9 +21,6 @@
 //! early, never late by the cascade). Fixed-delay queues expire in order: no message waits behind
 //! a longer one.
 
-use lapin::Channel;
-use lapin::ExchangeKind;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
 
@@ -62,62 +60,9 @@ pub fn delay_queue(namespace: Option<&str>, bucket_ms: u64) -> String {
     queue_name(namespace, &format!("amqp-tasks.delay.{bucket_ms}ms"))
 }
 
-/// Declares the delay exchange and its bucket queues (idempotent; workers do it at start-up).
-pub(crate) async fn declare_delays(
-    channel: &Channel,
-    namespace: Option<&str>,
-) -> Result<(), lapin::Error> {
-    let exchange = delay_exchange(namespace);
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Headers,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    for bucket in DELAY_BUCKETS_MS {
-        let queue = delay_queue(namespace, bucket);
-        let mut arguments = arguments(QueueType::Classic);
-        arguments.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(bucket as i64),
-        );
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                arguments,
-            )
-            .await?;
-        let mut binding = FieldTable::default();
-        binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
-        binding.insert(
-            DELAY_BUCKET_HEADER.into(),
-            AMQPValue::LongString(bucket.to_string().into()),
-        );
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                binding,
-            )
-            .await?;
-    }
-    Ok(())
-}
-
 /// The RabbitMQ queue type of task and dead-letter queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum QueueType {
     /// A classic queue (the default): one node, fastest.
     #[default]
@@ -150,8 +95,34 @@ impl std::str::FromStr for QueueType {
     }
 }
 
+/// The arguments of the bucket queue of a delay: its TTL, and the default exchange to
+/// dead-letter expired messages to (keeping their routing key, the task queue).
+pub(crate) fn delay_queue_arguments(bucket_ms: u64) -> FieldTable {
+    let mut arguments = task_queue_arguments(QueueType::Classic);
+    arguments.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(bucket_ms).unwrap_or(i64::MAX)),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments
+}
+
+/// The headers-exchange binding of a bucket queue.
+pub(crate) fn delay_binding(bucket_ms: u64) -> FieldTable {
+    let mut binding = FieldTable::default();
+    binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    binding.insert(
+        DELAY_BUCKET_HEADER.into(),
+        AMQPValue::LongString(bucket_ms.to_string().into()),
+    );
+    binding
+}
+
 /// `queue`, or `<namespace>.queue`.
-pub(crate) fn queue_name(namespace: Option<&str>, queue: &str) -> String {
+pub fn queue_name(namespace: Option<&str>, queue: &str) -> String {
     // On every send: a plain concatenation, not `format!`.
     match namespace {
         Some(namespace) => [namespace, ".", queue].concat(),
@@ -160,7 +131,7 @@ pub(crate) fn queue_name(namespace: Option<&str>, queue: &str) -> String {
 }
 
 /// The dead-letter queue of a task queue.
-pub(crate) fn dead_letter_queue(queue: &str) -> String {
+pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
@@ -178,31 +149,14 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn arguments(queue_type: QueueType) -> FieldTable {
+/// The arguments of a task queue and of its dead-letter queue: only `x-queue-type`.
+pub(crate) fn task_queue_arguments(queue_type: QueueType) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
         AMQPValue::LongString(queue_type.as_str().into()),
     );
     arguments
-}
-
-/// Declares a task queue and its dead-letter queue.
-pub(crate) async fn declare_task_queue(
-    channel: &Channel,
-    queue: &str,
-    queue_type: QueueType,
-) -> Result<(), lapin::Error> {
-    for name in [queue.to_owned(), dead_letter_queue(queue)] {
-        channel
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions::durable(),
-                arguments(queue_type),
-            )
-            .await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

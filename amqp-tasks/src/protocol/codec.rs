@@ -1,5 +1,6 @@
 //! Codecs: how arguments, results and errors become message bodies, chosen per message by its
-//! `content_type`.
+//! `content_type`. Owns the formats and their `content_type`s; how a task's arguments map onto
+//! them is the task layer's ([`Task`](crate::Task)), and nothing here does I/O.
 //!
 //! | codec | `content_type` | arguments |
 //! |---|---|---|
@@ -8,7 +9,6 @@
 //!
 //! A worker accepts both and answers in the codec of the request.
 
-use crate::task::Task;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -17,6 +17,7 @@ const BINCODE_LIMIT: usize = 64 * 1024 * 1024;
 
 /// How a message body is encoded; see the [module documentation](self).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Codec {
     /// bincode 2 with its standard configuration (`application/x-bincode`).
     #[default]
@@ -38,7 +39,7 @@ impl CodecError {
 
 /// One wire format. [`Codec`] dispatches to an implementation of it, so a future codec (bincode's
 /// successor) is one more implementation, not a change to the runtime.
-pub trait Format {
+pub(crate) trait Format {
     /// The `content_type` property of the messages it encodes.
     const CONTENT_TYPE: &'static str;
     /// Encodes one value.
@@ -49,7 +50,7 @@ pub trait Format {
 
 /// bincode 2, standard configuration.
 #[derive(Debug)]
-pub struct BincodeFormat;
+pub(crate) struct BincodeFormat;
 
 impl Format for BincodeFormat {
     const CONTENT_TYPE: &'static str = "application/x-bincode";
@@ -75,7 +76,7 @@ impl Format for BincodeFormat {
 
 /// JSON.
 #[derive(Debug)]
-pub struct JsonFormat;
+pub(crate) struct JsonFormat;
 
 impl Format for JsonFormat {
     const CONTENT_TYPE: &'static str = "application/json";
@@ -125,96 +126,6 @@ impl Codec {
             Codec::Json => JsonFormat::decode(bytes),
         }
     }
-
-    /// Encodes a task's arguments: a tuple in bincode, an object keyed by parameter name in JSON.
-    pub fn encode_args<T: Task>(self, args: &T::Args) -> Result<Vec<u8>, CodecError> {
-        match self {
-            Codec::Bincode => BincodeFormat::encode(args),
-            Codec::Json => {
-                let mut writer = JsonArgsWriter::default();
-                T::write_json(args, &mut writer)?;
-                Ok(writer.finish())
-            }
-        }
-    }
-
-    /// Decodes a task's arguments; JSON errors name the argument at fault.
-    pub fn decode_args<T: Task>(self, bytes: &[u8]) -> Result<T::Args, CodecError> {
-        match self {
-            Codec::Bincode => BincodeFormat::decode(bytes),
-            Codec::Json => {
-                let mut reader = JsonArgsReader::parse(bytes)?;
-                let args = T::read_json(&mut reader)?;
-                reader.finish(T::PARAMS.iter().map(|p| p.name))?;
-                Ok(args)
-            }
-        }
-    }
-}
-
-/// Writes arguments as a JSON object, one key per parameter (used by generated code).
-#[derive(Debug, Default)]
-pub struct JsonArgsWriter {
-    buf: Vec<u8>,
-}
-
-impl JsonArgsWriter {
-    /// Appends `"key": value`.
-    pub fn arg<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), CodecError> {
-        self.buf.push(if self.buf.is_empty() { b'{' } else { b',' });
-        serde_json::to_writer(&mut self.buf, key)
-            .map_err(|e| CodecError::new(format!("json: {e}")))?;
-        self.buf.push(b':');
-        serde_json::to_writer(&mut self.buf, value)
-            .map_err(|e| CodecError::new(format!("json: argument `{key}`: {e}")))
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        if self.buf.is_empty() {
-            self.buf.push(b'{');
-        }
-        self.buf.push(b'}');
-        self.buf
-    }
-}
-
-/// Reads arguments from a JSON object, naming the key in every error (used by generated code).
-#[derive(Debug)]
-pub struct JsonArgsReader {
-    object: serde_json::Map<String, serde_json::Value>,
-}
-
-impl JsonArgsReader {
-    fn parse(bytes: &[u8]) -> Result<Self, CodecError> {
-        match serde_json::from_slice(bytes) {
-            Ok(serde_json::Value::Object(object)) => Ok(JsonArgsReader { object }),
-            Ok(_) => Err(CodecError::new(
-                "json: the arguments must be an object keyed by parameter name",
-            )),
-            Err(e) => Err(CodecError::new(format!("json: {e}"))),
-        }
-    }
-
-    /// Takes the argument `key`; a missing key is an error unless the type accepts `null`
-    /// (an `Option`).
-    pub fn arg<T: DeserializeOwned>(&mut self, key: &str) -> Result<T, CodecError> {
-        match self.object.remove(key) {
-            Some(value) => serde_json::from_value(value)
-                .map_err(|e| CodecError::new(format!("json: argument `{key}`: {e}"))),
-            None => serde_json::from_value(serde_json::Value::Null)
-                .map_err(|_| CodecError::new(format!("json: missing argument `{key}`"))),
-        }
-    }
-
-    fn finish<'a>(self, expected: impl Iterator<Item = &'a str>) -> Result<(), CodecError> {
-        match self.object.keys().next() {
-            None => Ok(()),
-            Some(key) => Err(CodecError::new(format!(
-                "json: unknown argument `{key}` (the task takes: {})",
-                expected.collect::<Vec<_>>().join(", ")
-            ))),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -251,44 +162,5 @@ mod tests {
         longer.push(0);
         let error = Codec::Bincode.decode::<(i64, u8)>(&longer).unwrap_err();
         assert!(error.to_string().contains("trailing"), "{error}");
-    }
-
-    #[test]
-    fn json_reader_names_keys() {
-        let mut reader = JsonArgsReader::parse(br#"{"a": 1, "b": "two", "c": 3}"#).unwrap();
-        assert_eq!(reader.arg::<i64>("a").unwrap(), 1);
-        let wrong = reader.arg::<i64>("b").unwrap_err().to_string();
-        assert!(wrong.contains("argument `b`"), "{wrong}");
-        let missing = reader.arg::<i64>("d").unwrap_err().to_string();
-        assert!(missing.contains("missing argument `d`"), "{missing}");
-        assert_eq!(reader.arg::<Option<i64>>("e").unwrap(), None);
-        let unknown = reader
-            .finish(["a", "b"].into_iter())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            unknown.contains("unknown argument `c`") && unknown.contains("a, b"),
-            "{unknown}"
-        );
-    }
-
-    #[test]
-    fn json_writer_builds_an_object() {
-        let mut writer = JsonArgsWriter::default();
-        writer.arg("a", &1).unwrap();
-        writer.arg("s", "x\"y").unwrap();
-        assert_eq!(writer.finish(), br#"{"a":1,"s":"x\"y"}"#.to_vec());
-        assert_eq!(JsonArgsWriter::default().finish(), b"{}".to_vec());
-    }
-
-    #[test]
-    fn json_arguments_must_be_an_object() {
-        assert!(
-            JsonArgsReader::parse(b"[1, 2]")
-                .unwrap_err()
-                .to_string()
-                .contains("object")
-        );
-        assert!(JsonArgsReader::parse(b"{").is_err());
     }
 }

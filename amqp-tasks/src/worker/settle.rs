@@ -1,5 +1,5 @@
-//! Acknowledgements that do not serialise the consumer: handlers report finished deliveries to one
-//! acker task per channel, which acks each contiguous finished run of delivery tags with a single
+//! Settle: the last stage of a delivery. Acknowledgements that do not serialise the consumer:
+//! handlers report how each delivery ends ([`Settle`]) to one acker task per channel, which acks each contiguous finished run of delivery tags with a single
 //! `multiple` ack, and a finished delivery stuck behind a slow one on its own (so that a slow task
 //! does not hold the prefetch window shut).
 //!
@@ -27,7 +27,7 @@ pub(crate) enum Settle {
 pub(crate) struct AckSender(mpsc::UnboundedSender<Settle>);
 
 impl AckSender {
-    pub fn send(&self, settle: Settle) {
+    pub(crate) fn send(&self, settle: Settle) {
         // The acker ends only with its channel, whose deliveries the broker returns anyway.
         let _ = self.0.send(settle);
     }
@@ -92,13 +92,13 @@ pub(crate) struct AckWindow {
 }
 
 impl AckWindow {
-    pub fn finished(&mut self, tag: u64) {
+    pub(crate) fn finished(&mut self, tag: u64) {
         if tag > self.settled_through {
             self.finished.insert(tag);
         }
     }
 
-    pub fn settled_alone(&mut self, tag: u64) {
+    pub(crate) fn settled_alone(&mut self, tag: u64) {
         if tag > self.settled_through {
             self.finished.remove(&tag);
             self.alone.insert(tag);
@@ -107,7 +107,7 @@ impl AckWindow {
 
     /// The acks to send now: one multiple ack for the contiguous run (ending at its last tag not
     /// yet settled alone), then each finished tag beyond a gap on its own.
-    pub fn take_acks(&mut self) -> Vec<Ack> {
+    pub(crate) fn take_acks(&mut self) -> Vec<Ack> {
         let mut acks = Vec::new();
         let mut through = None;
         loop {

@@ -1,12 +1,10 @@
 //! [`QueueStatus`]: what the broker says about a task queue and its dead letters, asked through
 //! passive declares (plain AMQP, so no management plugin is needed). `amqp-tasks queues` prints it.
 
-use crate::client::Client;
-use crate::error::Error;
-use crate::topology;
-use crate::wire;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use super::Client;
+use crate::error::{BrokerError, Error};
+use crate::protocol::topology;
+use crate::transport::probe::Entity;
 
 /// A task queue as the broker sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,39 +48,14 @@ impl Client {
     async fn passive_declare(&self, queue: &str) -> Result<Option<(u32, u32)>, Error> {
         let session = self.session().await.map_err(|error| Error::Connect {
             url: self.url_redacted(),
-            source: lapin::Error::from(std::io::Error::other(error.to_string())),
+            source: BrokerError::new(lapin::Error::from(std::io::Error::other(error.to_string()))),
         })?;
-        let broker = |action: &str, source| Error::Broker {
-            action: format!("{action} `{queue}`"),
-            source,
-        };
-        // A channel per declare: the broker closes the channel on which a passive declare fails.
-        let channel = session
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| broker("opening a channel to inspect", e))?;
-        let declared = channel
-            .queue_declare(
-                wire::short(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(found) => {
-                let _ = channel.close(200, "inspected".into()).await;
-                Ok(Some((found.message_count(), found.consumer_count())))
-            }
-            Err(error) if is_not_found(&error) => Ok(None),
-            Err(error) => Err(broker("inspecting", error)),
+        match session.probe(queue, Entity::Queue).await {
+            Ok(found) => Ok(found.map(|counts| (counts.ready, counts.consumers))),
+            Err(source) => Err(Error::Broker {
+                action: format!("inspecting `{queue}`"),
+                source: BrokerError::new(source),
+            }),
         }
     }
-}
-
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }

@@ -1,0 +1,229 @@
+//! The client layer: what a caller does. [`Client`] is a handle on the broker (configuration and
+//! the transport's session); [`TaskCall`] and [`DynamicCall`] build calls that it sends fire and
+//! forget (`.delay()`) or awaiting their reply (`.call()`), within deadlines it computes; a
+//! [`Caller`] is a client or the context of a running task, whose deadline, trace and concurrency
+//! slot its calls inherit.
+//!
+//! It must not know how tasks are served: no handlers, no registry, no consumers. The worker
+//! builds on it (a relay's calls are client calls).
+
+pub(crate) mod call;
+pub(crate) mod caller;
+pub(crate) mod dynamic;
+pub(crate) mod inspect;
+
+pub use call::TaskCall;
+pub use caller::Caller;
+pub use dynamic::{DynamicCall, TaskFailure};
+pub use inspect::QueueStatus;
+
+use crate::error::{BrokerError, CallError, Error};
+use crate::protocol::topology;
+use crate::transport::publish::Message;
+use crate::transport::session::Session;
+use crate::transport::url::redact;
+use crate::transport::{Broker, BrokerConfig};
+use lapin::BasicProperties;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The URL used when none is given: the local broker with RabbitMQ's default user.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A handle on one broker connection: sends tasks (`.delay(&client)`, `.call(&client)`), and
+/// is what a [`Worker`](crate::Worker) serves with. Cheap to clone; clones share the connection.
+///
+/// It owns one reply queue per connection, named by the client (`amqp-tasks.reply.<uuid>`,
+/// exclusive, auto-delete). When the connection drops, every call waiting on it fails at once with
+/// [`CallError::ConnectionLost`]; the next operation opens a new connection (with a new reply
+/// queue).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    broker: Broker,
+    confirm_timeout: Duration,
+}
+
+/// Builds a [`Client`] with options: `Client::builder(url).namespace("staging").connect().await`.
+#[must_use]
+pub struct ClientBuilder {
+    broker: BrokerConfig,
+    confirm_timeout: Duration,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("url", &redact(&self.broker.url))
+            .field("namespace", &self.broker.namespace)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.broker.connect_timeout)
+            .field("connection_name", &self.broker.connection_name)
+            .finish()
+    }
+}
+
+impl ClientBuilder {
+    /// Prefixes every queue name with `<namespace>.`, on both sides, to keep environments (or
+    /// test runs) apart on one broker.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        self.broker.namespace = (!namespace.is_empty()).then_some(namespace);
+        self
+    }
+
+    /// How long `.delay()` waits for the broker's publisher confirm (default 30 s).
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long connecting may take (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.broker.connect_timeout = timeout;
+        self
+    }
+
+    /// The connection name shown in RabbitMQ's management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.broker.connection_name = name.into();
+        self
+    }
+
+    /// Connects.
+    pub async fn connect(self) -> Result<Client, Error> {
+        if let Some(namespace) = &self.broker.namespace {
+            topology::check_name(namespace)
+                .map_err(|e| Error::Config(format!("namespace: {e}")))?;
+        }
+        let client = Client {
+            inner: Arc::new(ClientInner {
+                broker: Broker::new(self.broker),
+                confirm_timeout: self.confirm_timeout,
+            }),
+        };
+        client
+            .inner
+            .broker
+            .connect_session()
+            .await
+            .map_err(|source| Error::Connect {
+                url: client.url_redacted(),
+                source: BrokerError::new(source),
+            })?;
+        Ok(client)
+    }
+}
+
+impl Client {
+    /// Connects to `url` (`amqp://user:password@host:port/vhost`, the vhost URL-encoded: `%2f`
+    /// for `/`).
+    pub async fn connect(url: &str) -> Result<Client, Error> {
+        Client::builder(url).connect().await
+    }
+
+    /// Connects to `AMQP_URL` (default [`DEFAULT_URL`]) with the namespace in
+    /// `AMQP_TASKS_NAMESPACE`, if set.
+    pub async fn from_env() -> Result<Client, Error> {
+        let url = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let namespace = std::env::var("AMQP_TASKS_NAMESPACE").unwrap_or_default();
+        Client::builder(url).namespace(namespace).connect().await
+    }
+
+    /// A builder for a client with options.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            broker: BrokerConfig {
+                url: url.into(),
+                namespace: None,
+                connect_timeout: Duration::from_secs(10),
+                connection_name: format!(
+                    "amqp-tasks {} pid {}",
+                    std::env::args().next().unwrap_or_default(),
+                    std::process::id()
+                ),
+            },
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The namespace prefixed to queue names, if any.
+    pub fn namespace(&self) -> Option<&str> {
+        self.inner.broker.config.namespace.as_deref()
+    }
+
+    /// The broker-side name of a task queue: `queue`, or `<namespace>.queue`.
+    pub fn queue_name(&self, queue: &str) -> String {
+        topology::queue_name(self.namespace(), queue)
+    }
+
+    /// The URL without its password, for logs.
+    pub fn url_redacted(&self) -> String {
+        self.inner.broker.url_redacted()
+    }
+
+    pub(crate) fn confirm_timeout(&self) -> Duration {
+        self.inner.confirm_timeout
+    }
+
+    /// Closes the connection; calls in flight fail with [`CallError::ConnectionLost`].
+    pub async fn close(&self) {
+        self.inner.broker.close().await;
+    }
+
+    /// The live session, opening a new one if there is none or it was lost.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>, CallError> {
+        self.inner.broker.session().await
+    }
+
+    /// Publishes a task message (see [`Broker::publish`]).
+    pub(crate) async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        eta_ms: Option<u64>,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        self.inner
+            .broker
+            .publish(queue, body, properties, eta_ms, deadline)
+            .await
+    }
+
+    pub(crate) async fn publish_batch(
+        &self,
+        messages: Vec<Message>,
+        deadline: Instant,
+    ) -> Vec<Result<(), CallError>> {
+        self.inner.broker.publish_batch(messages, deadline).await
+    }
+
+    pub(crate) async fn request(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        eta_ms: Option<u64>,
+        deadline: Instant,
+    ) -> Result<crate::protocol::reply::Reply, CallError> {
+        self.inner
+            .broker
+            .request(queue, body, properties, eta_ms, deadline)
+            .await
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.url_redacted())
+            .field("namespace", &self.namespace())
+            .finish()
+    }
+}

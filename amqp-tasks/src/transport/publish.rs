@@ -1,0 +1,231 @@
+//! Publishing: a task message to its queue with `mandatory` (straight, or through the delay
+//! exchange when its `eta` is ahead), the publisher confirm turned into a result (`NoRoute` for a
+//! returned message), batches that hand every message over before the first confirm is awaited,
+//! and requests that wait for their reply. Everything is bounded by the caller's deadline.
+
+use super::Broker;
+use super::probe::Entity;
+use super::session::Session;
+use crate::error::CallError;
+use crate::protocol::reply::Reply;
+use crate::protocol::{short, topology, unix_ms};
+use lapin::options::BasicPublishOptions;
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use std::time::SystemTime;
+use tokio::time::Instant;
+
+/// A task message ready to publish.
+pub(crate) struct Message {
+    /// The task queue (namespaced).
+    pub(crate) queue: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) properties: BasicProperties,
+    /// Not before, Unix milliseconds: routed through the delay queues when ahead.
+    pub(crate) eta_ms: Option<u64>,
+}
+
+impl Broker {
+    /// Publishes a task to `queue` (directly, or through the delay queues when its `eta` is
+    /// ahead) with `mandatory`, and waits for the publisher confirm until `deadline`.
+    pub(crate) async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        eta_ms: Option<u64>,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        tokio::time::timeout_at(deadline, async {
+            let session = self.connected(deadline).await?;
+            let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
+            session
+                .publish_confirmed(&exchange, queue, body, properties)
+                .await
+        })
+        .await
+        .unwrap_or(Err(CallError::Timeout))
+    }
+
+    /// Publishes many tasks at once: every publish is handed over before the first confirm is
+    /// awaited. One result per message, in order.
+    pub(crate) async fn publish_batch(
+        &self,
+        messages: Vec<Message>,
+        deadline: Instant,
+    ) -> Vec<Result<(), CallError>> {
+        let connected = tokio::time::timeout_at(deadline, self.session_before(deadline)).await;
+        let session = match connected.unwrap_or(Err(CallError::Timeout)) {
+            Ok(session) => session,
+            Err(error) => return messages.iter().map(|_| Err(error.clone())).collect(),
+        };
+        let mut started = Vec::with_capacity(messages.len());
+        for message in messages {
+            let routed = self
+                .route(&session, &message.queue, message.properties, message.eta_ms)
+                .await;
+            let confirm = match routed {
+                Ok((exchange, properties)) => session
+                    .start_publish(&exchange, &message.queue, &message.body, properties)
+                    .await
+                    .map(|confirm| (confirm, exchange)),
+                Err(error) => Err(error),
+            };
+            started.push((confirm, message.queue));
+        }
+        let mut results = Vec::with_capacity(started.len());
+        for (confirm, queue) in started {
+            results.push(match confirm {
+                Ok((confirm, exchange)) => {
+                    tokio::time::timeout_at(deadline, session.confirmed(confirm, &exchange, &queue))
+                        .await
+                        .unwrap_or(Err(CallError::Timeout))
+                }
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    /// Publishes a request with `reply_to` and waits for its reply until `deadline`.
+    pub(crate) async fn request(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        eta_ms: Option<u64>,
+        deadline: Instant,
+    ) -> Result<Reply, CallError> {
+        tokio::time::timeout_at(deadline, async {
+            let session = self.connected(deadline).await?;
+            let pending = session.register()?;
+            let properties = properties
+                .with_reply_to(short(&session.reply_queue))
+                .with_correlation_id(short(&pending.correlation.to_string()));
+            let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
+            session
+                .publish_confirmed(&exchange, queue, body, properties)
+                .await?;
+            let mut pending = pending;
+            (&mut pending.receiver)
+                .await
+                .map_err(|_| CallError::ConnectionLost(session.lost_reason()))
+        })
+        .await
+        .unwrap_or(Err(CallError::Timeout))
+    }
+
+    /// The exchange to publish a task to: the default one, or the delay exchange (with the
+    /// bucket header set) when its `eta` is at least the delay resolution away.
+    async fn route(
+        &self,
+        session: &Session,
+        queue: &str,
+        properties: BasicProperties,
+        eta_ms: Option<u64>,
+    ) -> Result<(String, BasicProperties), CallError> {
+        let wait = eta_ms.map(|eta| eta.saturating_sub(unix_ms(SystemTime::now())));
+        match wait.and_then(topology::delay_bucket) {
+            None => Ok((String::new(), properties)),
+            Some(bucket) => Box::pin(self.route_delayed(session, queue, properties, bucket)).await,
+        }
+    }
+
+    async fn route_delayed(
+        &self,
+        session: &Session,
+        queue: &str,
+        properties: BasicProperties,
+        bucket: u64,
+    ) -> Result<(String, BasicProperties), CallError> {
+        let exchange = topology::delay_exchange(self.config.namespace.as_deref());
+        // A delayed message is routed by the broker later, when nobody is told about a missing
+        // queue: check now that the task queue and the delay queues exist.
+        session.ensure_exists(queue, Entity::Queue).await?;
+        session.ensure_exists(&exchange, Entity::Exchange).await?;
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            topology::DELAY_BUCKET_HEADER.into(),
+            AMQPValue::LongString(bucket.to_string().into()),
+        );
+        Ok((exchange, properties.with_headers(headers)))
+    }
+}
+
+impl Session {
+    /// Publishes with `mandatory` and awaits the confirm.
+    pub(crate) async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), CallError> {
+        let confirm = self
+            .start_publish(exchange, routing_key, body, properties)
+            .await?;
+        self.confirmed(confirm, exchange, routing_key).await
+    }
+
+    /// Hands a `mandatory` publish to lapin; its confirm is awaited separately, so that many
+    /// publishes can be in flight at once.
+    pub(crate) async fn start_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, CallError> {
+        self.publisher
+            .basic_publish(
+                short(exchange),
+                short(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    pub(crate) async fn confirmed(
+        &self,
+        confirm: PublisherConfirm,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), CallError> {
+        match confirm.await.map_err(|e| self.failed(e))? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                if returned.reply_code == 312 && exchange.is_empty() {
+                    Err(CallError::NoRoute {
+                        queue: routing_key.to_owned(),
+                    })
+                } else if returned.reply_code == 312 {
+                    // The delay exchange without the bucket queue for this delay.
+                    Err(CallError::NoRoute {
+                        queue: format!("{exchange} (delay queues: start a worker to declare them)"),
+                    })
+                } else {
+                    Err(CallError::Rejected(format!(
+                        "returned by the broker: {}",
+                        returned.reply_text
+                    )))
+                }
+            }
+            Confirmation::Nack(None) => Err(CallError::Rejected(
+                "the broker nacked the message".to_owned(),
+            )),
+        }
+    }
+
+    pub(crate) fn failed(&self, error: lapin::Error) -> CallError {
+        // Any failure of the publisher channel retires the session: the next operation gets a
+        // fresh connection instead of a channel in an unknown state.
+        self.mark_lost(error.to_string());
+        CallError::ConnectionLost(error.to_string())
+    }
+}

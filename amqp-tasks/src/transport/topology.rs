@@ -1,0 +1,68 @@
+//! Declaring the topology: the delay exchange and its bucket queues, task queues and their
+//! dead-letter queues, with the names and arguments `protocol::topology` fixes. The one place
+//! that declares; clients never call it (they publish with `mandatory` instead).
+
+use crate::protocol::topology::{
+    DELAY_BUCKETS_MS, QueueType, dead_letter_queue, delay_binding, delay_exchange, delay_queue,
+    delay_queue_arguments, task_queue_arguments,
+};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind};
+
+/// Declares the delay exchange and its bucket queues (idempotent; workers do it at start-up).
+pub(crate) async fn declare_delays(
+    channel: &Channel,
+    namespace: Option<&str>,
+) -> Result<(), lapin::Error> {
+    let exchange = delay_exchange(namespace);
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Headers,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for bucket in DELAY_BUCKETS_MS {
+        let queue = delay_queue(namespace, bucket);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                delay_queue_arguments(bucket),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                delay_binding(bucket),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Declares a task queue and its dead-letter queue.
+pub(crate) async fn declare_task_queue(
+    channel: &Channel,
+    queue: &str,
+    queue_type: QueueType,
+) -> Result<(), lapin::Error> {
+    for name in [queue.to_owned(), dead_letter_queue(queue)] {
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                task_queue_arguments(queue_type),
+            )
+            .await?;
+    }
+    Ok(())
+}

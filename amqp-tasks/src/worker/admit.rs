@@ -1,0 +1,237 @@
+//! Admit: the first stage of a delivery, every check made before a handler may run. A message
+//! redelivered too often, in an unknown codec, too large, for a task not served here, from a stub
+//! with another signature, past its deadline or not due yet is turned into a [`Disposition`]
+//! (answered and dead-lettered, answered only, or sent on) without running anything; the rest is
+//! [`Admitted`], with the task and what its [`Context`](crate::Context) needs.
+
+use super::delivery::Disposition;
+use super::registry::Registration;
+use super::{QueueState, Shared};
+use crate::protocol::codec::Codec;
+use crate::protocol::headers::TaskHeaders;
+use crate::protocol::reply::ErrorKind;
+use crate::protocol::topology::{DELAY_RESOLUTION, QueueType};
+use crate::protocol::unix_ms;
+use lapin::message::Delivery;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// A delivery that may run.
+pub(crate) struct Admitted<'a> {
+    pub(crate) task: &'static Registration,
+    pub(crate) codec: Codec,
+    pub(crate) headers: TaskHeaders<'a>,
+    /// The task id (`message_id`; empty when the sender gave none).
+    pub(crate) id: &'a str,
+    pub(crate) deadline: Option<Instant>,
+}
+
+/// What the admission stage decided.
+pub(crate) enum Admission<'a> {
+    Run(Admitted<'a>),
+    Dispose(Disposition<'a>),
+}
+
+pub(crate) fn admit<'a>(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &'a Delivery,
+) -> Admission<'a> {
+    let properties = &delivery.properties;
+    let headers = TaskHeaders::from_table(properties.headers().as_ref());
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str())
+        .unwrap_or("");
+    let task_name = headers.task.as_deref().unwrap_or("");
+
+    let codec = properties
+        .content_type()
+        .as_ref()
+        .and_then(|c| Codec::from_content_type(c.as_str()));
+    if let Some(disposition) = count_redelivery(shared, queue, delivery, &headers, codec, id) {
+        return Admission::Dispose(disposition);
+    }
+    let Some(codec) = codec else {
+        let content_type = properties
+            .content_type()
+            .as_ref()
+            .map_or("(none)", |c| c.as_str());
+        return Admission::Dispose(refuse(
+            queue,
+            id,
+            task_name,
+            Codec::Json,
+            ErrorKind::UnsupportedContentType,
+            format!(
+                "content type `{content_type}` is not supported: send `{}` or `{}`",
+                Codec::Bincode.content_type(),
+                Codec::Json.content_type()
+            ),
+        ));
+    };
+    if delivery.data.len() > shared.settings.max_body {
+        return Admission::Dispose(refuse(
+            queue,
+            id,
+            task_name,
+            codec,
+            ErrorKind::TooLarge,
+            format!(
+                "the body is {} bytes; this worker accepts at most {}",
+                delivery.data.len(),
+                shared.settings.max_body
+            ),
+        ));
+    }
+    let Some(task) = find_task(queue, headers.task.as_deref()) else {
+        let served: Vec<&str> = queue.tasks.iter().map(|t| t.name()).collect();
+        let message = match &headers.task {
+            Some(name) => format!(
+                "no task `{name}` is served on queue `{}` (it serves: {})",
+                queue.name,
+                served.join(", ")
+            ),
+            None => format!(
+                "no `task` header, and queue `{}` serves several tasks: {}",
+                queue.name,
+                served.join(", ")
+            ),
+        };
+        return Admission::Dispose(refuse(
+            queue,
+            id,
+            task_name,
+            codec,
+            ErrorKind::UnknownTask,
+            message,
+        ));
+    };
+    if let Some(fingerprint) = &headers.signature {
+        let ours = task.signature();
+        if !ours.accepts(fingerprint) {
+            let message = format!(
+                "the caller's stub of `{}` has signature {fingerprint}, this worker serves `{}` ({})",
+                task.name(),
+                ours.text(),
+                ours.fingerprint()
+            );
+            return Admission::Dispose(refuse(
+                queue,
+                id,
+                task.name(),
+                codec,
+                ErrorKind::SignatureMismatch,
+                message,
+            ));
+        }
+    }
+    let now_ms = unix_ms(SystemTime::now());
+    let deadline = headers.deadline_ms.map(|deadline_ms| {
+        Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+    });
+    if headers
+        .deadline_ms
+        .is_some_and(|deadline| deadline <= now_ms)
+    {
+        tracing::info!(
+            task = task.name(),
+            id,
+            "deadline passed before the task could start; not run"
+        );
+        return Admission::Dispose(Disposition::failure(
+            codec,
+            ErrorKind::Deadline,
+            "the deadline passed before the task could start".into(),
+            false,
+        ));
+    }
+    if let Some(eta) = headers.eta_ms
+        && eta.saturating_sub(now_ms) >= DELAY_RESOLUTION.as_millis() as u64
+    {
+        return Admission::Dispose(Disposition::Forward {
+            headers,
+            why: "not due yet",
+        });
+    }
+    Admission::Run(Admitted {
+        task,
+        codec,
+        headers,
+        id,
+        deadline,
+    })
+}
+
+/// A message redelivered by the broker may be one that kills its worker: count it, and past
+/// the limit dead-letter it instead of running it again.
+fn count_redelivery<'a>(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+    headers: &TaskHeaders<'a>,
+    codec: Option<Codec>,
+    id: &str,
+) -> Option<Disposition<'a>> {
+    let limit = shared.settings.max_redeliveries;
+    let (count, counted_by_broker) = match headers.delivery_count {
+        // Quorum queues count every return themselves.
+        Some(count) => (count, true),
+        None if delivery.redelivered && shared.settings.queue_type == QueueType::Classic => {
+            (headers.redeliveries + 1, false)
+        }
+        None => return None,
+    };
+    if count > limit {
+        let message = format!(
+            "redelivered {count} times (limit {limit}): it probably kills the worker running it"
+        );
+        let task = headers.task.as_deref().unwrap_or("");
+        return Some(refuse(
+            queue,
+            id,
+            task,
+            codec.unwrap_or(Codec::Json),
+            ErrorKind::TooManyRedeliveries,
+            message,
+        ));
+    }
+    if counted_by_broker {
+        return None;
+    }
+    tracing::info!(queue = %queue.name, id, count, "redelivered message: counting it before running it");
+    let mut counted = headers.clone();
+    counted.redeliveries = count;
+    // The copy waits in the shortest delay queue: by the time it can run (and perhaps kill this
+    // process), the original's ack has reached the broker, so the count is not lost.
+    let soon = unix_ms(SystemTime::now()) + DELAY_RESOLUTION.as_millis() as u64;
+    counted.eta_ms = Some(counted.eta_ms.map_or(soon, |eta| eta.max(soon)));
+    Some(Disposition::Forward {
+        headers: counted,
+        why: "counting a redelivery",
+    })
+}
+
+fn refuse(
+    queue: &QueueState,
+    id: &str,
+    task: &str,
+    codec: Codec,
+    kind: ErrorKind,
+    message: String,
+) -> Disposition<'static> {
+    tracing::warn!(queue = %queue.name, task, id, reason = kind.as_str(), error = %message, "message refused; dead-lettering it");
+    Disposition::failure(codec, kind, message, true)
+}
+
+fn find_task(queue: &QueueState, name: Option<&str>) -> Option<&'static Registration> {
+    match name {
+        Some(name) => queue.tasks.iter().copied().find(|t| t.name() == name),
+        // A sender without the header (aio-pika) names the task by its queue.
+        None => match queue.tasks.as_slice() {
+            [only] => Some(*only),
+            _ => None,
+        },
+    }
+}

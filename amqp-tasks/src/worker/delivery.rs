@@ -1,0 +1,220 @@
+//! One delivery, as one pipeline with one name per stage:
+//!
+//! 1. [`admit`](super::admit): every check before running → [`Admission`] (run it, or a
+//!    [`Disposition`] at once);
+//! 2. [`execute`](super::execute): the handler under its time limit, panics caught →
+//!    [`Outcome`](super::execute::Outcome);
+//! 3. [`decide`]: what the outcome means for this message (its retries, its dead letter) → a
+//!    [`Disposition`];
+//! 4. [`dispose`](super::dispose): carry it out (reply, dead-letter, send on) →
+//!    [`Settle`](super::settle::Settle);
+//! 5. [`settle`](super::settle): the channel's acker acks or requeues it.
+
+use super::admit::{Admission, Admitted, admit};
+use super::dispose::dispose;
+use super::execute::Outcome;
+use super::registry::Registration;
+use super::{InFlightGuard, QueueState, Shared};
+use crate::client::caller::Slot;
+use crate::context::{Context, ContextParts};
+use crate::protocol::codec::Codec;
+use crate::protocol::headers::TaskHeaders;
+use crate::protocol::reply::{ErrorKind, ErrorReply};
+use crate::protocol::retry::RetryPolicy;
+use crate::protocol::trace::TraceParent;
+use crate::protocol::{TYPE_ERROR, TYPE_RESULT, unix_ms};
+use crate::task::TaskId;
+use lapin::message::Delivery;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// What to do with a delivery once it was looked at (and maybe run).
+pub(crate) enum Disposition<'a> {
+    /// Answer it (where a reply is asked for), dead-letter it if due, ack it.
+    Answer {
+        /// The reply type and body, in `codec`.
+        reply: (&'static str, Vec<u8>),
+        codec: Codec,
+        dead_letter: Option<(ErrorKind, String)>,
+    },
+    /// Publish a copy with these headers (through the delay queues if its eta is ahead), then
+    /// ack the original.
+    Forward {
+        headers: TaskHeaders<'a>,
+        why: &'static str,
+    },
+}
+
+impl Disposition<'_> {
+    /// A framework failure's error reply, dead-lettered or not.
+    pub(crate) fn failure(
+        codec: Codec,
+        kind: ErrorKind,
+        message: String,
+        dead_letter: bool,
+    ) -> Self {
+        Disposition::Answer {
+            reply: (TYPE_ERROR, ErrorReply::failure_body(codec, kind, &message)),
+            codec,
+            dead_letter: dead_letter.then_some((kind, message)),
+        }
+    }
+}
+
+/// Runs one delivery through the pipeline, then hands its settlement to the channel's acker.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    queue: Arc<QueueState>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+    _in_flight: InFlightGuard,
+) {
+    let mut abandon = shared.abandon.subscribe();
+    let work = async {
+        let disposition = match admit(&shared, &queue, &delivery) {
+            Admission::Run(admitted) => run(&shared, &delivery, admitted, permit).await,
+            Admission::Dispose(disposition) => disposition,
+        };
+        dispose(&shared, &queue, &delivery, disposition).await
+    };
+    tokio::select! {
+        biased;
+        settle = work => queue.acks.send(settle),
+        // Unsettled: the broker returns the delivery when the channel closes.
+        _ = abandon.wait_for(|abandon| *abandon) => {
+            tracing::warn!(queue = %queue.name, tag = delivery.delivery_tag, "abandoned at the end of the grace period");
+        }
+    }
+}
+
+/// Executes an admitted delivery with its context, then decides what its outcome means.
+async fn run<'a>(
+    shared: &Shared,
+    delivery: &'a Delivery,
+    admitted: Admitted<'a>,
+    permit: OwnedSemaphorePermit,
+) -> Disposition<'a> {
+    let Admitted {
+        task,
+        codec,
+        headers,
+        id,
+        deadline,
+    } = admitted;
+    let trace = headers
+        .traceparent
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .unwrap_or_else(TraceParent::new_root);
+    let slot = Arc::new(Slot::new(shared.semaphore.clone(), permit));
+    let task_id = TaskId::from(if id.is_empty() {
+        TaskId::new().to_string()
+    } else {
+        id.to_owned()
+    });
+    let ctx = Context::new(ContextParts {
+        client: shared.client.clone(),
+        task_id,
+        task_name: task.name(),
+        attempt: headers.attempt,
+        redelivered: delivery.redelivered || headers.redeliveries > 0,
+        deadline,
+        root_id: headers.root_id.as_deref().map(TaskId::from),
+        parent_id: headers.parent_id.as_deref().map(TaskId::from),
+        trace: trace.clone(),
+        slot: Some(slot.clone()),
+    });
+    tracing::debug!(
+        task = task.name(),
+        id,
+        trace_id = trace.trace_id(),
+        attempt = headers.attempt,
+        "task started"
+    );
+    let outcome = (task.run)(ctx, codec, &delivery.data).await;
+    slot.finish();
+    decide(task, codec, headers, id, trace.trace_id(), outcome)
+}
+
+/// What an outcome means for its message: answered (and dead-lettered where due), or retried.
+fn decide<'a>(
+    task: &'static Registration,
+    codec: Codec,
+    headers: TaskHeaders<'a>,
+    id: &str,
+    trace_id: &str,
+    outcome: Outcome,
+) -> Disposition<'a> {
+    match outcome {
+        Outcome::Value(body) => {
+            tracing::debug!(task = task.name(), id, trace_id, "task succeeded");
+            Disposition::Answer {
+                reply: (TYPE_RESULT, body),
+                codec,
+                dead_letter: None,
+            }
+        }
+        Outcome::TaskError {
+            body,
+            message,
+            retryable,
+        } => {
+            let attempt = headers.attempt;
+            if retryable && let Some(retry) = next_attempt(task, headers.clone(), &message) {
+                tracing::info!(task = task.name(), id, trace_id, attempt, error = %message, "task failed; retrying");
+                return retry;
+            }
+            tracing::info!(task = task.name(), id, trace_id, error = %message, "task returned an error");
+            // A task that asked for retries and used them up is dead-lettered with its history.
+            let dead_letter = (task.retries() > 0).then(|| {
+                (
+                    ErrorKind::Task,
+                    format!("failed after {attempt} attempt(s): {message}"),
+                )
+            });
+            Disposition::Answer {
+                reply: (TYPE_ERROR, body),
+                codec,
+                dead_letter,
+            }
+        }
+        Outcome::Failure {
+            kind,
+            message,
+            retryable,
+        } => {
+            if retryable && let Some(retry) = next_attempt(task, headers, &message) {
+                tracing::warn!(task = task.name(), id, trace_id, reason = kind.as_str(), error = %message, "task failed; retrying");
+                return retry;
+            }
+            tracing::warn!(task = task.name(), id, trace_id, reason = kind.as_str(), error = %message, "task failed; dead-lettering it");
+            Disposition::failure(codec, kind, message, true)
+        }
+    }
+}
+
+/// A retry of a failed attempt, if the task has attempts left and its next one can start before
+/// the caller's deadline.
+fn next_attempt<'a>(
+    task: &Registration,
+    mut headers: TaskHeaders<'a>,
+    error: &str,
+) -> Option<Disposition<'a>> {
+    let attempt = headers.attempt;
+    if attempt > task.retries() {
+        return None;
+    }
+    let delay = RetryPolicy::task(task.backoff()).delay(attempt);
+    let eta = unix_ms(SystemTime::now() + delay);
+    if headers.deadline_ms.is_some_and(|deadline| eta >= deadline) {
+        return None;
+    }
+    headers.errors.push(format!("attempt {attempt}: {error}"));
+    headers.attempt = attempt + 1;
+    headers.eta_ms = Some(eta);
+    Some(Disposition::Forward {
+        headers,
+        why: "retry",
+    })
+}

@@ -1,0 +1,377 @@
+//! The worker layer: serves every task linked into the binary (or a chosen subset). It owns the
+//! [`registry`], the supervisor that keeps one broker session consuming (reconnecting with the
+//! crate's one retry policy), the consumers, the pipeline of one delivery (admit → execute →
+//! decide → dispose → settle), the [`dlq`] tools and, behind the `cli` feature, the `worker`
+//! binary's command line. It builds on every layer below and nothing builds on it.
+//!
+//! Run it as a binary with [`main`], or embed it in a tokio application with
+//! [`Worker::builder`]`(client)…`[`.serve(shutdown)`](WorkerBuilder::serve).
+//!
+//! - One channel and consumer per task queue, manual acks, a small per-consumer prefetch.
+//! - `concurrency` bounds the tasks running at once in the whole process, across queues; a task
+//!   awaiting `.call(&ctx)` lends its slot back meanwhile.
+//! - A task is acked only after its handler finished and its reply was published on the same
+//!   channel; a worker killed mid-task loses nothing.
+//! - Bad input and failed handlers are answered (where `reply_to` is set) and dead-lettered.
+//! - On shutdown: consumers are cancelled, prefetched tasks not started are requeued, tasks in
+//!   flight finish within the grace period, every ack is sent, then `serve` returns.
+
+pub(crate) mod admit;
+#[cfg(feature = "cli")]
+pub(crate) mod cli;
+mod consume;
+pub(crate) mod delivery;
+pub(crate) mod dispose;
+pub mod dlq;
+pub(crate) mod execute;
+pub mod registry;
+pub(crate) mod settle;
+
+#[cfg(feature = "cli")]
+pub use cli::main;
+
+use crate::client::Client;
+use crate::error::{BrokerError, Error};
+use crate::protocol::retry::RetryPolicy;
+use crate::protocol::topology::{self, QueueType};
+use crate::transport::topology::{declare_delays, declare_task_queue};
+use consume::{Ended, close_all, drain, open_consumers, run};
+use lapin::Channel;
+use registry::Registration;
+use settle::AckSender;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, watch};
+
+/// Default of [`WorkerBuilder::concurrency`].
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Default of [`WorkerBuilder::grace_period`].
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+/// Default of [`WorkerBuilder::max_body_size`].
+pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+/// Default of [`WorkerBuilder::max_redeliveries`].
+pub const DEFAULT_MAX_REDELIVERIES: u32 = 5;
+
+/// A configured worker; see the [module documentation](self).
+#[derive(Debug)]
+pub struct Worker {
+    client: Client,
+    tasks: Vec<&'static Registration>,
+    settings: Settings,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) concurrency: usize,
+    pub(crate) prefetch: u16,
+    pub(crate) grace: Duration,
+    pub(crate) queue_type: QueueType,
+    pub(crate) max_body: usize,
+    pub(crate) max_redeliveries: u32,
+}
+
+/// Configures a [`Worker`].
+#[must_use]
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    client: Client,
+    filter: Option<Vec<String>>,
+    concurrency: usize,
+    prefetch: Option<u16>,
+    grace: Duration,
+    queue_type: QueueType,
+    max_body: usize,
+    max_redeliveries: u32,
+}
+
+impl Worker {
+    /// A worker serving through `client`'s connection (its relay calls use the same client).
+    pub fn builder(client: Client) -> WorkerBuilder {
+        WorkerBuilder {
+            client,
+            filter: None,
+            concurrency: DEFAULT_CONCURRENCY,
+            prefetch: None,
+            grace: DEFAULT_GRACE,
+            queue_type: QueueType::Classic,
+            max_body: DEFAULT_MAX_BODY,
+            max_redeliveries: DEFAULT_MAX_REDELIVERIES,
+        }
+    }
+
+    /// The tasks it serves.
+    pub fn tasks(&self) -> &[&'static Registration] {
+        &self.tasks
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see the [module documentation](self)).
+    ///
+    /// Returns `Ok` once drained, [`Error::GraceExpired`] if tasks were still running when the
+    /// grace period ran out (they will be redelivered), or an error if the topology could not be
+    /// declared at start-up. A connection lost later is re-established with backoff.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let Worker {
+            client,
+            tasks,
+            settings,
+        } = self;
+        let mut queues: BTreeMap<String, Vec<&'static Registration>> = BTreeMap::new();
+        for task in &tasks {
+            queues
+                .entry(client.queue_name(task.queue()))
+                .or_default()
+                .push(task);
+        }
+        tracing::info!(
+            url = %client.url_redacted(),
+            concurrency = settings.concurrency,
+            prefetch = settings.prefetch,
+            "amqp-tasks worker {} serving {} task(s) on {} queue(s)",
+            env!("CARGO_PKG_VERSION"),
+            tasks.len(),
+            queues.len()
+        );
+        for task in &tasks {
+            tracing::info!(
+                "  {}  [queue {}]",
+                task.describe(),
+                client.queue_name(task.queue())
+            );
+        }
+        let shared = Arc::new(Shared {
+            abandon: watch::Sender::new(false),
+            semaphore: Arc::new(Semaphore::new(settings.concurrency)),
+            in_flight: Arc::new(InFlight::default()),
+            client,
+            settings,
+        });
+
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut first = true;
+        let mut attempt = 0;
+        loop {
+            // Between sessions, tasks of the lost one may still run: drain them too.
+            let session = tokio::select! {
+                session = shared.client.session() => session,
+                () = &mut shutdown => return drain(&shared, Vec::new()).await,
+            };
+            let session = match session {
+                Ok(session) => session,
+                Err(error) => {
+                    attempt += 1;
+                    let delay = RetryPolicy::RECONNECT.delay(attempt);
+                    tracing::warn!(%error, retry_in = ?delay, "cannot reach the broker");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = &mut shutdown => return drain(&shared, Vec::new()).await,
+                    }
+                }
+            };
+            let consumers = match open_consumers(&shared, &session, &queues).await {
+                Ok(consumers) => consumers,
+                Err(error) if first => return Err(error),
+                Err(error) => {
+                    attempt += 1;
+                    let delay = RetryPolicy::RECONNECT.delay(attempt);
+                    tracing::warn!(%error, retry_in = ?delay, "cannot resume consuming");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = &mut shutdown => return drain(&shared, Vec::new()).await,
+                    }
+                }
+            };
+            first = false;
+            attempt = 0;
+            tracing::info!("worker ready: consuming {} queue(s)", consumers.len());
+            let (ended, closings) = run(&shared, &session, consumers, &mut shutdown).await;
+            match ended {
+                Ended::Shutdown => return drain(&shared, closings).await,
+                Ended::Lost(reason) => {
+                    tracing::warn!(%reason, "consumers stopped; resuming");
+                    tokio::spawn(close_all(closings));
+                }
+            }
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// Tasks running at once in the whole process, across all queues (default 64). A task
+    /// waiting on `.call(&ctx)` does not count.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Unacked deliveries per consumer (default: `concurrency`, at most 256). Deliveries beyond
+    /// what can run wait prefetched; keep it small so that competing workers share the load.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch.max(1));
+        self
+    }
+
+    /// How long tasks in flight may take to finish after shutdown is asked (default 30 s).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Serves only the named tasks (default: every registered task).
+    pub fn tasks<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.filter = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Declares task queues as this type (default classic).
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// Bodies larger than this are rejected and dead-lettered (default 16 MiB).
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// How often a message may come back redelivered (its worker died running it) before it is
+    /// dead-lettered as a poison message instead of run again (default 5; see
+    /// [`wire`](crate::wire#redeliveries)).
+    pub fn max_redeliveries(mut self, limit: u32) -> Self {
+        self.max_redeliveries = limit;
+        self
+    }
+
+    /// Checks the configuration: refuses duplicate task names, an empty set of tasks and
+    /// unknown names in the filter.
+    pub fn build(self) -> Result<Worker, Error> {
+        let tasks = registry::select(&registry::tasks(), self.filter.as_deref())?;
+        for task in &tasks {
+            topology::check_name(&self.client.queue_name(task.queue()))
+                .map_err(|e| Error::Config(format!("queue of task `{}`: {e}", task.name())))?;
+        }
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(self.concurrency.min(256)).unwrap_or(256));
+        Ok(Worker {
+            client: self.client,
+            tasks,
+            settings: Settings {
+                concurrency: self.concurrency,
+                prefetch,
+                grace: self.grace,
+                queue_type: self.queue_type,
+                max_body: self.max_body,
+                max_redeliveries: self.max_redeliveries,
+            },
+        })
+    }
+
+    /// [`build`](Self::build)s, then [`serve`](Worker::serve)s until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        self.build()?.serve(shutdown).await
+    }
+}
+
+impl Worker {
+    /// Declares the queues of its tasks and the delay queues (what it does when it starts
+    /// serving), for provisioning ahead of deployment (`worker declare`). Returns the task queues.
+    pub async fn declare(&self) -> Result<Vec<String>, Error> {
+        let client = &self.client;
+        let broker = |action: String| {
+            move |source| Error::Broker {
+                action,
+                source: BrokerError::new(source),
+            }
+        };
+        let session = client
+            .session()
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(broker("opening a channel".to_owned()))?;
+        declare_delays(&channel, client.namespace())
+            .await
+            .map_err(broker("declaring the delay queues".to_owned()))?;
+        let mut queues: Vec<String> = self
+            .tasks
+            .iter()
+            .map(|t| client.queue_name(t.queue()))
+            .collect();
+        queues.sort();
+        queues.dedup();
+        for queue in &queues {
+            declare_task_queue(&channel, queue, self.settings.queue_type)
+                .await
+                .map_err(broker(format!("declaring `{queue}`")))?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(queues)
+    }
+}
+
+/// What every handler of this worker shares.
+pub(crate) struct Shared {
+    pub(crate) client: Client,
+    /// Set when the grace period ran out: handlers still running stop where they are.
+    pub(crate) abandon: watch::Sender<bool>,
+    pub(crate) semaphore: Arc<Semaphore>,
+    pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) settings: Settings,
+}
+
+/// What a handler needs to know about its queue.
+pub(crate) struct QueueState {
+    pub(crate) name: String,
+    pub(crate) tasks: Vec<&'static Registration>,
+    pub(crate) channel: Channel,
+    pub(crate) acks: AckSender,
+}
+
+/// Handlers running (and settling) now.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+pub(crate) struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
