@@ -60,15 +60,30 @@ where
     }
 }
 
-/// A namespace of queues on the shared broker, deleted when dropped.
+/// A namespace of queues on the shared broker (or on a private node of the test's), deleted when
+/// dropped.
 pub struct TestEnv {
     pub namespace: String,
     queues: Mutex<Vec<String>>,
     pub dir: std::path::PathBuf,
+    /// The broker's URL: the shared one, or the private node's.
+    pub url: String,
+    node: Option<std::sync::Arc<crate::node::Node>>,
 }
 
 impl TestEnv {
+    /// A namespace on the shared broker.
     pub fn new(test: &str) -> TestEnv {
+        TestEnv::create(test, amqp_url(), None)
+    }
+
+    /// A namespace on a private node of the test's (which it inspects with its own
+    /// `rabbitmqctl -n`).
+    pub fn on_node(test: &str, node: std::sync::Arc<crate::node::Node>) -> TestEnv {
+        TestEnv::create(test, node.amqp_url(), Some(node))
+    }
+
+    fn create(test: &str, url: String, node: Option<std::sync::Arc<crate::node::Node>>) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let namespace = format!("test.{test}.{}", &id[..8]);
         let dir = std::env::temp_dir().join(format!("amqp-tasks-{test}-{}", &id[..8]));
@@ -89,6 +104,8 @@ impl TestEnv {
             namespace,
             queues: Mutex::new(queues),
             dir,
+            url,
+            node,
         }
     }
 
@@ -109,7 +126,7 @@ impl TestEnv {
     }
 
     pub async fn client(&self) -> Client {
-        Client::builder(amqp_url())
+        Client::builder(self.url.clone())
             .namespace(self.namespace.clone())
             .connect()
             .await
@@ -122,7 +139,7 @@ impl TestEnv {
             binary,
             args,
             &[
-                ("AMQP_URL", &amqp_url()),
+                ("AMQP_URL", &self.url),
                 ("AMQP_TASKS_NAMESPACE", &self.namespace),
             ],
         )
@@ -134,7 +151,7 @@ impl TestEnv {
             binary,
             args,
             &[
-                ("AMQP_URL", &amqp_url()),
+                ("AMQP_URL", &self.url),
                 ("AMQP_TASKS_NAMESPACE", &self.namespace),
             ],
         )
@@ -145,7 +162,7 @@ impl TestEnv {
     pub async fn raw(&self) -> Raw {
         let connection = tokio::time::timeout(
             PATIENCE,
-            Connection::connect(&amqp_url(), ConnectionProperties::default()),
+            Connection::connect(&self.url, ConnectionProperties::default()),
         )
         .await
         .expect("connecting to RabbitMQ timed out")
@@ -187,15 +204,18 @@ impl TestEnv {
     /// test if the queue does not exist.
     pub async fn counts(&self, queue: &str) -> Counts {
         let name = self.queue(queue);
-        let listing = rabbitmqctl(&[
+        let args = [
             "list_queues",
             "-q",
             "--no-table-headers",
             "name",
             "messages_ready",
             "messages_unacknowledged",
-        ])
-        .await;
+        ];
+        let listing = match &self.node {
+            Some(node) => node.rabbitmqctl(&args).await,
+            None => rabbitmqctl(&args).await,
+        };
         listing
             .lines()
             .find_map(|line| {
@@ -246,6 +266,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
         let exchange = amqp_tasks::topology::delay_exchange(Some(&self.namespace));
+        let url = self.url.clone();
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own (the test's may be gone, or panicking), and a bound on the wait:
         // a broker that does not answer must not hang the test binary.
@@ -257,10 +278,9 @@ impl Drop for TestEnv {
             if let Ok(runtime) = runtime {
                 runtime.block_on(async {
                     let cleanup = async {
-                        let connection =
-                            Connection::connect(&amqp_url(), ConnectionProperties::default())
-                                .await
-                                .ok()?;
+                        let connection = Connection::connect(&url, ConnectionProperties::default())
+                            .await
+                            .ok()?;
                         let channel = connection.create_channel().await.ok()?;
                         for queue in queues {
                             let _ = channel

@@ -1,16 +1,18 @@
-//! Chaos: failures caused for real, with every task counted. These tests act on the shared broker
-//! (one restarts RabbitMQ), so they run one at a time, in this test target of their own, and
-//! leave the broker running.
+//! Chaos: failures caused for real, with every task counted. They load the machine, so they run
+//! one at a time, in this test target of their own; the one that restarts RabbitMQ restarts a
+//! private node of its own (`amqp_tasks_tests::node`), never the shared broker.
 //!
 //! Run with `cargo test -p amqp-tasks-tests --test chaos -- --nocapture` to see the figures.
 
 use amqp_tasks::{CallError, Client, Codec};
-use amqp_tasks_tests::harness::{PATIENCE, TestEnv, amqp_url, bounded, eventually, rabbitmqctl};
+use amqp_tasks_tests::harness::{PATIENCE, TestEnv, bounded, eventually, eventually_async};
+use amqp_tasks_tests::node::{Node, NodeConfig};
 use amqp_tasks_tests::tasks::*;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -103,162 +105,208 @@ where
     outputs
 }
 
-/// Starts the broker's application again whatever happens to the test.
-struct BrokerGuard;
-
-impl Drop for BrokerGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
-    }
+/// The reply queues of a namespace on a node (one per client connection).
+async fn reply_queues(node: &Node, namespace: &str) -> BTreeSet<String> {
+    let prefix = format!("{namespace}.amqp-tasks.reply.");
+    node.rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"])
+        .await
+        .lines()
+        .map(str::trim)
+        .filter(|name| name.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
 }
 
-async fn broker_answers() -> bool {
-    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-        .await
-        .map(|c| drop(c.close(200, "probe".into())))
-        .is_ok()
+/// When something happened, relative to the start of the test.
+fn at(origin: Instant) -> Duration {
+    origin.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_confirmed_task_and_hangs_no_call() {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("chaos-restart");
-    let _guard = BrokerGuard;
+    // A broker of this test's own: restarting it cannot disturb any other test.
+    let node = Arc::new(Node::start(NodeConfig::plain()).await);
+    let env = TestEnv::on_node("chaos-restart", node.clone());
     bounded(Duration::from_secs(240), async {
-        const TASKS: u64 = 3_000;
-        let worker = env.worker(WORKER, &["--tasks", "record,add"]).ready().await;
-        let client = Client::builder(amqp_url())
+        let origin = Instant::now();
+        let worker = env.worker(WORKER, &["--tasks", "record,add,sleep_ms"]).ready().await;
+        let client = Client::builder(env.url.clone())
             .namespace(env.namespace.clone())
-            .confirm_timeout(Duration::from_secs(5))
+            .confirm_timeout(Duration::from_secs(20))
             .connect()
             .await
             .unwrap();
         let path = env.path("records");
+        // Both reply queues (the test's client and the worker's own): gone with their
+        // connections, replaced by fresh ones.
+        let replies_before = eventually_async(|| async {
+            let queues = reply_queues(&node, &env.namespace).await;
+            (queues.len() == 2).then_some(queues)
+        })
+        .await;
 
-        // A stream of .delay()s, 20 at a time, each outcome kept.
+        // A call in flight when the broker goes: it must fail at once, with ConnectionLost.
+        let in_flight = tokio::spawn({
+            let client = client.clone();
+            async move {
+                let result = sleep_ms::new(15_000)
+                    .timeout(Duration::from_secs(30))
+                    .call(&client)
+                    .await;
+                (result, at(origin))
+            }
+        });
+        worker.wait_for("task started").await;
+
+        // A stream of .delay()s, 20 at a time, and a stream of .call()s, each outcome timed.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let delays = tokio::spawn({
-            let (client, path) = (client.clone(), path.clone());
+            let (client, path, stopped) = (client.clone(), path.clone(), stopped.clone());
             async move {
                 let mut outcomes = Vec::new();
-                for chunk in (0..TASKS).collect::<Vec<_>>().chunks(20) {
-                    let sends = chunk.iter().map(|n| {
-                        let (client, path, n) = (client.clone(), path.clone(), *n);
-                        async move { (n, record::new(path, n).delay(&client).await) }
+                let mut n = 0u64;
+                while !*stopped.borrow() {
+                    let sends = (n..n + 20).map(|n| {
+                        let (client, path) = (client.clone(), path.clone());
+                        async move {
+                            let started = at(origin);
+                            let result = record::new(path, n).delay(&client).await;
+                            (n, started, at(origin), result)
+                        }
                     });
                     outcomes.extend(futures_join(sends).await);
-                    tokio::time::sleep(Duration::from_millis(2)).await; // a stream, not a burst
+                    n += 20;
                 }
                 outcomes
             }
         });
-        // And a stream of .call()s, each timed.
-        let (stop_calls, calls_stopped) = tokio::sync::watch::channel(false);
         let calls = tokio::spawn({
             let client = client.clone();
             async move {
                 let mut outcomes = Vec::new();
-                while !*calls_stopped.borrow() {
-                    let started = Instant::now();
+                while !*stopped.borrow() {
+                    let started = at(origin);
                     let result = add::new(1, 2)
-                        .timeout(Duration::from_secs(3))
+                        .timeout(Duration::from_secs(20))
                         .call(&client)
                         .await;
-                    outcomes.push((result, started.elapsed()));
+                    outcomes.push((started, at(origin), result));
                 }
                 outcomes
             }
         });
 
-        eventually("a third of the tasks recorded", PATIENCE * 2, || {
-            (recorded(&path).len() as u64 >= TASKS / 3).then_some(())
+        // The outage starts in the middle of the streams.
+        eventually("500 tasks recorded before the outage", PATIENCE * 2, || {
+            (recorded(&path).len() >= 500).then_some(())
         })
         .await;
-        let stopped = Instant::now();
-        rabbitmqctl(&["stop_app"]).await;
+        let down = at(origin);
+        node.stop_app().await;
+        let (lost, lost_at) = in_flight.await.unwrap();
+        assert!(matches!(lost, Err(CallError::ConnectionLost(_))), "{lost:?}");
+        assert!(
+            lost_at - down < Duration::from_secs(3),
+            "the call in flight failed {:?} after the broker went down",
+            lost_at - down
+        );
         // The outage lasts as long as the scenario says, not until something happens.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        rabbitmqctl(&["start_app"]).await;
-        let back = eventually_async_bool(broker_answers).await;
-        println!("chaos restart: broker down for {:?}", stopped.elapsed());
-        assert!(back);
+        let up_asked = at(origin);
+        node.start_app().await;
+        let up = at(origin);
+        println!("chaos restart: broker down from {down:?} to {up:?} (start_app asked at {up_asked:?})");
 
+        // Both streams go on after the broker is back, then stop.
+        let before_stop = recorded(&path).len();
+        eventually("200 more tasks recorded after the restart", PATIENCE * 2, || {
+            (recorded(&path).len() >= before_stop + 200).then_some(())
+        })
+        .await;
+        let _ = stop.send(true);
         let delays = delays.await.unwrap();
-        let _ = stop_calls.send(true);
         let calls = calls.await.unwrap();
-        let confirmed: Vec<u64> = delays
-            .iter()
-            .filter(|(_, r)| r.is_ok())
-            .map(|(n, _)| *n)
-            .collect();
-        let failed: Vec<_> = delays
-            .iter()
-            .filter_map(|(_, r)| r.as_ref().err())
-            .collect();
-        for error in &failed {
+
+        // Delays: every one that returned Ok ran; the ones that failed say why, and only those
+        // in flight as the connection dropped failed.
+        let confirmed: Vec<u64> = delays.iter().filter(|d| d.3.is_ok()).map(|d| d.0).collect();
+        let failed: Vec<_> = delays.iter().filter(|d| d.3.is_err()).collect();
+        for (n, started, ended, result) in &failed {
             assert!(
-                matches!(error, CallError::ConnectionLost(_) | CallError::Timeout),
-                "a failed .delay() reports why: {error:?}"
+                matches!(result, Err(CallError::ConnectionLost(_) | CallError::Timeout)),
+                "delay {n} ({started:?}..{ended:?}) failed without saying why: {result:?}"
+            );
+            assert!(
+                *started <= lost_at && *ended >= down,
+                "delay {n} failed although it was not in flight as the broker went ({started:?}..{ended:?})"
             );
         }
+        assert!(failed.len() <= 20, "{} delays failed", failed.len());
+        assert!(
+            delays.iter().any(|d| d.1 < down && d.2 > down),
+            "the outage began while delays were in flight"
+        );
+        let waited: Vec<_> = delays.iter().filter(|d| d.1 > lost_at && d.1 < up_asked).collect();
+        assert!(!waited.is_empty(), "delays were made while the broker was down");
+        for (n, started, ended, result) in &waited {
+            assert!(
+                result.is_ok() && *ended >= up_asked,
+                "delay {n} made while the broker was down ({started:?}..{ended:?}) must wait for it and succeed: {result:?}"
+            );
+        }
+        // Calls: none hangs; those made while the broker was down wait for it and succeed.
+        let slowest = calls.iter().map(|(s, e, _)| *e - *s).max().unwrap_or_default();
+        assert!(slowest < Duration::from_secs(21), "a call took {slowest:?}");
+        let waiting_calls: Vec<_> = calls.iter().filter(|c| c.0 > lost_at && c.0 < up_asked).collect();
+        assert!(!waiting_calls.is_empty(), "calls were made while the broker was down");
+        for (started, ended, result) in &waiting_calls {
+            assert_eq!(*result, Ok(3), "a call made while the broker was down ({started:?}..{ended:?})");
+        }
+        for (started, ended, result) in &calls {
+            if let Err(error) = result {
+                assert!(
+                    matches!(error, CallError::ConnectionLost(_)) && *started <= lost_at && *ended >= down,
+                    "a call failed outside the outage or without saying why ({started:?}..{ended:?}): {error:?}"
+                );
+            }
+        }
+
         let counts = eventually("every confirmed task to run", PATIENCE * 4, || {
             let counts = recorded(&path);
-            confirmed
-                .iter()
-                .all(|n| counts.contains_key(n))
-                .then_some(counts)
+            confirmed.iter().all(|n| counts.contains_key(n)).then_some(counts)
         })
         .await;
         let runs: u32 = counts.values().sum();
         let duplicated = counts.values().filter(|c| **c > 1).count();
-        let unconfirmed_but_run = delays
-            .iter()
-            .filter(|(n, r)| r.is_err() && counts.contains_key(n))
-            .count();
-        let calls_ok = calls.iter().filter(|(r, _)| r.is_ok()).count();
-        let slowest = calls.iter().map(|(_, d)| *d).max().unwrap_or_default();
+        let unconfirmed_but_run = failed.iter().filter(|d| counts.contains_key(&d.0)).count();
+        let calls_ok = calls.iter().filter(|c| c.2.is_ok()).count();
         println!(
-            "chaos restart: sent {TASKS} delays, {} confirmed, {} failed with an error \
+            "chaos restart: sent {} delays, {} confirmed, {} failed with an error \
              ({unconfirmed_but_run} of those ran anyway); executed {} distinct in {runs} runs, \
-             {duplicated} duplicated; calls: {} ok, {} failed, slowest {:?}",
+             {duplicated} duplicated; calls: {calls_ok} ok, {} failed, slowest {slowest:?}",
+            delays.len(),
             confirmed.len(),
             failed.len(),
             counts.len(),
-            calls_ok,
             calls.len() - calls_ok,
-            slowest
         );
-        assert_eq!(confirmed.len() + failed.len(), TASKS as usize);
-        assert!(
-            slowest < Duration::from_secs(5),
-            "no call hangs: slowest {slowest:?}"
-        );
-        assert!(
-            calls.iter().any(|(r, _)| r.is_err()),
-            "the outage was felt by calls"
-        );
-        // The same worker process resumed, and serves tasks sent after the restart.
+
+        // The same worker process resumed, and both sides got fresh reply queues.
         assert!(
             worker.output().matches("worker ready").count() >= 2,
             "{}",
             worker.output()
         );
         assert_eq!(add::new(2, 2).call(&client).await, Ok(4));
+        let replies_after = reply_queues(&node, &env.namespace).await;
+        assert_eq!(replies_after.len(), 2, "{replies_after:?}");
+        assert!(
+            replies_after.is_disjoint(&replies_before),
+            "fresh reply queues: {replies_before:?} then {replies_after:?}"
+        );
     })
     .await;
-}
-
-async fn eventually_async_bool<F, Fut>(mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    amqp_tasks_tests::harness::eventually_async(|| {
-        let attempt = check();
-        async move { attempt.await.then_some(true) }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
