@@ -12,7 +12,7 @@ use crate::protocol::headers::TaskHeaders;
 use crate::protocol::properties::task_properties;
 use crate::protocol::reply::{Reply, decode_reply};
 use crate::protocol::retry::RetryPolicy;
-use crate::protocol::{short, unix_ms};
+use crate::protocol::{MAX_DELAY, MAX_ETA_AHEAD, SHORT_MAX, expiration, later, unix_ms};
 use crate::task::{Task, TaskId, encode_args};
 use crate::transport::publish::Message;
 use lapin::BasicProperties;
@@ -74,8 +74,10 @@ impl<T: Task> TaskCall<T> {
 
     /// Runs the task after this delay (held by the broker, resolution 100 ms; see
     /// [`topology`](crate::topology)).
+    ///
+    /// A countdown longer than a hundred years is cut to that.
     pub fn countdown(mut self, delay: Duration) -> Self {
-        self.eta = Some(SystemTime::now() + delay);
+        self.eta = Some(later(SystemTime::now(), delay, MAX_ETA_AHEAD));
         self
     }
 
@@ -172,6 +174,29 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) timeout: Option<Duration>,
 }
 
+impl Outgoing<'_> {
+    /// The broker-side queue, once the call is known to fit AMQP's limits: a task id or routing
+    /// key longer than a short string is refused here, never cut.
+    fn address(&self, client: &Client) -> Result<String, CallError> {
+        let id = self.id.as_str();
+        if id.len() > SHORT_MAX {
+            return Err(CallError::Rejected(format!(
+                "the task id is {} bytes; AMQP allows at most {SHORT_MAX}",
+                id.len()
+            )));
+        }
+        let queue = client.queue_name(self.queue);
+        if queue.len() > SHORT_MAX {
+            return Err(CallError::Rejected(format!(
+                "the queue name `{}…` is {} bytes; AMQP allows at most {SHORT_MAX}",
+                queue.chars().take(40).collect::<String>(),
+                queue.len()
+            )));
+        }
+        Ok(queue)
+    }
+}
+
 /// The default deadline of calls to a task: every attempt may take its whole time limit, and
 /// every retry its longest backoff.
 pub(crate) fn ceiling(timeout: Duration, retries: u32, backoff: Duration) -> Duration {
@@ -186,15 +211,10 @@ pub(crate) async fn delay(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Task
     let client = origin.client;
     let eta_ms = out.eta.map(unix_ms);
     let properties = envelope(origin, &out, None, eta_ms).with_delivery_mode(2);
+    let queue = out.address(client)?;
     let deadline = Instant::now() + client.confirm_timeout();
     client
-        .publish(
-            &client.queue_name(out.queue),
-            &out.body,
-            properties,
-            eta_ms,
-            deadline,
-        )
+        .publish(&queue, &out.body, properties, eta_ms, deadline)
         .await?;
     tracing::debug!(task = out.name, id = %out.id, "task sent");
     Ok(out.id)
@@ -209,12 +229,12 @@ pub(crate) async fn delay_batch(
     let mut ids = Vec::with_capacity(outs.len());
     let mut messages = Vec::with_capacity(outs.len());
     for out in outs {
-        match out {
-            Ok(out) => {
+        match out.and_then(|out| Ok((out.address(client)?, out))) {
+            Ok((queue, out)) => {
                 let eta_ms = out.eta.map(unix_ms);
                 let properties = envelope(origin, &out, None, eta_ms).with_delivery_mode(2);
                 messages.push(Message {
-                    queue: client.queue_name(out.queue),
+                    queue,
                     body: out.body,
                     properties,
                     eta_ms,
@@ -239,7 +259,12 @@ pub(crate) async fn delay_batch(
 
 pub(crate) async fn call(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Reply, CallError> {
     let client = origin.client;
-    let mut budget = out.timeout.map_or(out.ceiling, |t| t.min(out.ceiling));
+    let queue = out.address(client)?;
+    // Within what an expiration can express (a `.timeout(Duration::MAX)` is about 49 days).
+    let mut budget = out
+        .timeout
+        .map_or(out.ceiling, |t| t.min(out.ceiling))
+        .min(MAX_DELAY);
     if let Some(remaining) = origin.parent.and_then(Parent::remaining) {
         budget = budget.min(remaining);
     }
@@ -256,14 +281,16 @@ pub(crate) async fn call(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Reply
     }
     let properties = envelope(origin, &out, Some(deadline_ms), eta_ms)
         .with_delivery_mode(1)
-        .with_expiration(short(&budget.as_millis().max(1).to_string()));
+        .with_expiration(expiration(
+            u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+        ));
 
     // A task waiting on another task is not running: its concurrency slot goes back to the
     // worker, so that relays calling tasks of their own process cannot deadlock it.
     let suspended = origin.parent.map(Parent::suspend);
     let reply = client
         .request(
-            &client.queue_name(out.queue),
+            &queue,
             &out.body,
             properties,
             eta_ms,

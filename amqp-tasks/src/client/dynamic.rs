@@ -80,7 +80,11 @@ impl DynamicCall {
 
     /// Runs the task after this delay (held by the broker).
     pub fn countdown(mut self, delay: Duration) -> Self {
-        self.eta = Some(SystemTime::now() + delay);
+        self.eta = Some(crate::protocol::later(
+            SystemTime::now(),
+            delay,
+            crate::protocol::MAX_ETA_AHEAD,
+        ));
         self
     }
 

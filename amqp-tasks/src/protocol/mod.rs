@@ -21,7 +21,7 @@ pub mod topology;
 pub(crate) mod trace;
 
 use lapin::types::ShortString;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The wire version in the `wire` header.
 pub const WIRE_VERSION: i64 = 1;
@@ -33,13 +33,39 @@ pub const TYPE_RESULT: &str = "result";
 /// `type` of an error reply.
 pub const TYPE_ERROR: &str = "error";
 
+/// RabbitMQ refuses a message `expiration` above 2³² − 1 ms (about 49.7 days): it closes the
+/// publishing channel. Every expiration the framework writes is clamped to it.
+pub(crate) const MAX_EXPIRATION_MS: u64 = u32::MAX as u64;
+
+/// The longest call deadline and retry delay the framework computes with (longer ones are clamped
+/// to it): what an expiration can express.
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(MAX_EXPIRATION_MS);
+
+/// How far ahead a countdown or eta may be: longer ones are clamped (the delay queues hold any
+/// length; this only keeps the arithmetic in range).
+pub(crate) const MAX_ETA_AHEAD: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// An `expiration` property of `ms` milliseconds, within what the broker accepts.
+pub(crate) fn expiration(ms: u64) -> ShortString {
+    ShortString::from(ms.clamp(1, MAX_EXPIRATION_MS).to_string())
+}
+
+/// `now + delay`, with `delay` clamped to `limit` (never an overflow).
+pub(crate) fn later(now: SystemTime, delay: Duration, limit: Duration) -> SystemTime {
+    now.checked_add(delay.min(limit)).unwrap_or(now)
+}
+
 /// Milliseconds since the Unix epoch (0 before it, `u64::MAX` past what fits).
 pub(crate) fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// An AMQP short string (at most 255 bytes), cut at a character boundary rather than panicking.
+/// The most bytes an AMQP short string (a routing key, a task id, a correlation id) may hold.
+pub(crate) const SHORT_MAX: usize = 255;
+
+/// An AMQP short string for text known to fit (checked by the caller, or the crate's own);
+/// cut at a character boundary rather than panicking if it does not.
 pub(crate) fn short(text: &str) -> ShortString {
     let mut end = text.len().min(255);
     while !text.is_char_boundary(end) {
