@@ -3,8 +3,10 @@
 //! amqp-tasks against raw lapin, side by side in one run against the broker at `AMQP_URL`
 //! (default `amqp://guest:guest@127.0.0.1:5672/%2f`): `delay`, `call-1`, `call-64`, `memory`,
 //! `scale` or `all`; `--smoke` for a quick check that it still works (tiny N, one repetition, no
-//! targets). See BENCHMARKS.md.
+//! targets). `peers` (not part of `all`) runs amqp-tasks next to Celery 5, the Rust `celery`
+//! crate and aio-pika, which it installs or builds on first use. See BENCHMARKS.md.
 
+use amqp_tasks_bench::peers::{self, PeerKind};
 use amqp_tasks_bench::raw::{self, Dispatch, Wire};
 use amqp_tasks_bench::scenarios::{self, Only, Options, Scenario};
 use amqp_tasks_bench::{ROLE_ENV, chart};
@@ -20,7 +22,8 @@ struct Cli {
     #[arg(value_enum)]
     scenario: Scenario,
     /// Tasks (or calls) per repetition [default: 20000 for delay and scale, 5000 for call-1,
-    /// 20000 for call-64, 100000 for memory].
+    /// 20000 for call-64, 100000 for memory; peers: 10000 fire-and-forget tasks, N/10
+    /// sequential calls, N/2 calls with 64 in flight].
     #[arg(long)]
     n: Option<usize>,
     /// Repetitions; the two sides alternate, medians and min..max are reported.
@@ -48,6 +51,9 @@ struct Cli {
     /// Run one side only (for profiling it).
     #[arg(long, value_enum)]
     only: Option<Only>,
+    /// The peers of `peers`, in the order they run in each repetition (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PeerKind::ALL)]
+    peers: Vec<PeerKind>,
     /// Write the chart of the run to this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
@@ -74,6 +80,7 @@ fn main() -> ExitCode {
         dispatch: cli.raw_dispatch,
         wire: cli.raw_wire,
         only: cli.only,
+        peers: cli.peers.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -110,9 +117,17 @@ fn main() -> ExitCode {
         "\n=== summary (load average now {})\n",
         scenarios::load_average()
     );
-    print!("{}", scenarios::table(&outcome.reports));
+    if !outcome.reports.is_empty() {
+        print!("{}", scenarios::table(&outcome.reports));
+    }
     for report in &outcome.reports {
         println!("{}", report.result_line());
+    }
+    if !outcome.peers.is_empty() {
+        print!("{}", peers::table(&outcome.peers));
+    }
+    for row in &outcome.peers {
+        println!("{}", row.result_line());
     }
     if let Some(path) = &cli.svg {
         let subtitle = format!(
@@ -121,11 +136,21 @@ fn main() -> ExitCode {
             if cli.smoke { 1 } else { cli.reps },
             scenarios::load_average()
         );
-        let svg = chart::svg(
-            "amqp-tasks vs raw lapin, same run",
-            &subtitle,
-            &outcome.bars,
-        );
+        let svg = if outcome.peers.is_empty() {
+            chart::svg(
+                "amqp-tasks vs raw lapin, same run",
+                &subtitle,
+                &outcome.bars,
+            )
+        } else {
+            let series: Vec<&str> = outcome.peers.iter().map(|row| row.kind.label()).collect();
+            chart::grouped_svg(
+                "amqp-tasks and its peers, same run (guarantees differ: see BENCHMARKS.md)",
+                &subtitle,
+                &series,
+                &peers::chart_groups(&outcome.peers),
+            )
+        };
         if let Err(error) = std::fs::write(path, svg) {
             eprintln!("bench: cannot write {}: {error}", path.display());
             return ExitCode::FAILURE;
