@@ -78,7 +78,9 @@ pub fn grouped_svg(title: &str, subtitle: &str, series: &[&str], groups: &[Group
         .into_iter()
         .filter(|panel| groups.iter().any(|group| group.panel == *panel))
         .collect();
-    let height = 80.0 + PANEL_HEIGHT * panels.len() as f64;
+    let rows = legend_rows(series);
+    let extra = LEGEND_ROW * (rows.len().max(1) - 1) as f64;
+    let height = 80.0 + extra + PANEL_HEIGHT * panels.len() as f64;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -90,9 +92,9 @@ pub fn grouped_svg(title: &str, subtitle: &str, series: &[&str], groups: &[Group
         escape(title),
         escape(subtitle)
     );
-    legend(&mut out, series, 62.0);
+    legend(&mut out, series, &rows, 62.0);
     for (index, panel) in panels.iter().enumerate() {
-        let top = 70.0 + PANEL_HEIGHT * index as f64;
+        let top = 70.0 + extra + PANEL_HEIGHT * index as f64;
         let in_panel: Vec<&Group> = groups.iter().filter(|g| g.panel == *panel).collect();
         draw_panel(&mut out, *panel, &in_panel, series.len(), top);
     }
@@ -104,23 +106,49 @@ fn colour(index: usize) -> &'static str {
     COLOURS[index % COLOURS.len()]
 }
 
-/// One entry per series, right-aligned on one line.
-fn legend(out: &mut String, series: &[&str], y: f64) {
-    let widths: Vec<f64> = series
-        .iter()
-        .map(|name| 34.0 + 7.0 * name.chars().count() as f64)
-        .collect();
-    let mut x = (WIDTH - RIGHT - widths.iter().sum::<f64>()).max(LEFT);
-    for (index, (name, width)) in series.iter().zip(&widths).enumerate() {
-        let _ = writeln!(
-            out,
-            r#"<rect x="{x:.1}" y="{}" width="14" height="14" fill="{}"/><text x="{:.1}" y="{y}">{}</text>"#,
-            y - 11.0,
-            colour(index),
-            x + 20.0,
-            escape(name)
-        );
-        x += width;
+const LEGEND_ROW: f64 = 18.0;
+
+fn legend_width(name: &str) -> f64 {
+    34.0 + 7.0 * name.chars().count() as f64
+}
+
+/// The series on each legend line: as many as fit in the width.
+fn legend_rows(series: &[&str]) -> Vec<Vec<usize>> {
+    let available = WIDTH - LEFT - RIGHT;
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0.0;
+    for (index, name) in series.iter().enumerate() {
+        let width = legend_width(name);
+        match rows.last_mut() {
+            Some(row) if used + width <= available => row.push(index),
+            _ => {
+                rows.push(vec![index]);
+                used = 0.0;
+            }
+        }
+        used += width;
+    }
+    rows
+}
+
+/// One entry per series, right-aligned, on as many lines as needed.
+fn legend(out: &mut String, series: &[&str], rows: &[Vec<usize>], y: f64) {
+    for (line, row) in rows.iter().enumerate() {
+        let y = y + LEGEND_ROW * line as f64;
+        let total: f64 = row.iter().map(|&index| legend_width(series[index])).sum();
+        let mut x = (WIDTH - RIGHT - total).max(LEFT);
+        for &index in row {
+            let name = series[index];
+            let _ = writeln!(
+                out,
+                r#"<rect x="{x:.1}" y="{}" width="14" height="14" fill="{}"/><text x="{:.1}" y="{y}">{}</text>"#,
+                y - 11.0,
+                colour(index),
+                x + 20.0,
+                escape(name)
+            );
+            x += legend_width(name);
+        }
     }
 }
 

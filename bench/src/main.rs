@@ -143,7 +143,8 @@ fn main() -> ExitCode {
                 &outcome.bars,
             )
         } else {
-            let series: Vec<&str> = outcome.peers.iter().map(|row| row.kind.label()).collect();
+            let labels: Vec<String> = outcome.peers.iter().map(|row| row.kind.legend()).collect();
+            let series: Vec<&str> = labels.iter().map(String::as_str).collect();
             chart::grouped_svg(
                 "amqp-tasks and its peers, same run (guarantees differ: see BENCHMARKS.md)",
                 &subtitle,

@@ -103,6 +103,21 @@ impl PeerKind {
         }
     }
 
+    /// The name and, in short, its guarantees (for the chart's legend).
+    pub fn legend(self) -> String {
+        let g = self.guarantees();
+        format!(
+            "{}: {}, ack {} run",
+            self.label(),
+            if g.confirms {
+                "confirmed"
+            } else {
+                "no confirms"
+            },
+            if g.ack_after_run { "after" } else { "before" }
+        )
+    }
+
     /// What it promises in this run.
     pub fn guarantees(self) -> Guarantees {
         match self {
