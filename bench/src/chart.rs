@@ -79,7 +79,10 @@ pub fn grouped_svg(title: &str, subtitle: &str, series: &[&str], groups: &[Group
         .filter(|panel| groups.iter().any(|group| group.panel == *panel))
         .collect();
     let rows = legend_rows(series);
-    let extra = LEGEND_ROW * (rows.len().max(1) - 1) as f64;
+    // A subtitle may have several lines.
+    let subtitles: Vec<&str> = subtitle.lines().collect();
+    let below_subtitle = SUBTITLE_ROW * (subtitles.len().max(1) - 1) as f64;
+    let extra = below_subtitle + LEGEND_ROW * (rows.len().max(1) - 1) as f64;
     let height = 80.0 + extra + PANEL_HEIGHT * panels.len() as f64;
     let mut out = String::new();
     let _ = writeln!(
@@ -88,11 +91,18 @@ pub fn grouped_svg(title: &str, subtitle: &str, series: &[&str], groups: &[Group
     );
     let _ = writeln!(
         out,
-        r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text><text x="{LEFT}" y="40" fill="#555">{}</text>"##,
-        escape(title),
-        escape(subtitle)
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text>"##,
+        escape(title)
     );
-    legend(&mut out, series, &rows, 62.0);
+    for (index, line) in subtitles.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            r##"<text x="{LEFT}" y="{}" fill="#555">{}</text>"##,
+            40.0 + SUBTITLE_ROW * index as f64,
+            escape(line)
+        );
+    }
+    legend(&mut out, series, &rows, 62.0 + below_subtitle);
     for (index, panel) in panels.iter().enumerate() {
         let top = 70.0 + extra + PANEL_HEIGHT * index as f64;
         let in_panel: Vec<&Group> = groups.iter().filter(|g| g.panel == *panel).collect();
@@ -107,6 +117,7 @@ fn colour(index: usize) -> &'static str {
 }
 
 const LEGEND_ROW: f64 = 18.0;
+const SUBTITLE_ROW: f64 = 15.0;
 
 fn legend_width(name: &str) -> f64 {
     34.0 + 7.0 * name.chars().count() as f64

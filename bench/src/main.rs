@@ -54,6 +54,10 @@ struct Cli {
     /// The peers of `peers`, in the order they run in each repetition (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = PeerKind::ALL)]
     peers: Vec<PeerKind>,
+    /// A note for the chart's subtitle and the run's first line (e.g. "preliminary: a loaded
+    /// machine").
+    #[arg(long)]
+    note: Option<String>,
     /// Write the chart of the run to this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
@@ -92,14 +96,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let load_at_start = scenarios::load_average();
     println!(
-        "amqp-tasks-bench {}: {:?}{}; machine {}; load average {}; reps {}",
+        "amqp-tasks-bench {}: {:?}{}; machine {}; load average {load_at_start}; reps {}{}",
         env!("CARGO_PKG_VERSION"),
         cli.scenario,
         if cli.smoke { " (smoke)" } else { "" },
         scenarios::machine(),
-        scenarios::load_average(),
-        if cli.smoke { 1 } else { cli.reps }
+        if cli.smoke { 1 } else { cli.reps },
+        cli.note
+            .as_ref()
+            .map_or_else(String::new, |note| format!("; {note}"))
     );
     if cfg!(debug_assertions) && !cli.smoke {
         println!("warning: a debug build; measure with --release");
@@ -131,7 +138,10 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &cli.svg {
         let subtitle = format!(
-            "{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max; load average {} at the end",
+            "{}{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max; load average {load_at_start} at the start, {} at the end",
+            cli.note
+                .as_ref()
+                .map_or_else(String::new, |note| format!("{note}\n")),
             scenarios::machine(),
             if cli.smoke { 1 } else { cli.reps },
             scenarios::load_average()
