@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &cli.svg {
         let subtitle = format!(
-            "{}{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max; load average {load_at_start} at the start, {} at the end",
+            "{}{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max\nload average {load_at_start} at the start, {} at the end",
             cli.note
                 .as_ref()
                 .map_or_else(String::new, |note| format!("{note}\n")),
