@@ -68,7 +68,10 @@ async fn report() {
         WAKE.notified().await;
         let count = DONE.load(Ordering::Relaxed);
         let mut out = std::io::stdout().lock();
-        if writeln!(out, "done {count}").and_then(|()| out.flush()).is_err() {
+        if writeln!(out, "done {count}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             return;
         }
     }
