@@ -1,5 +1,5 @@
-//! A hand-made SVG bar chart of a run: framework and raw lapin side by side, medians as bars,
-//! min..max as whiskers.
+//! A hand-made SVG bar chart of a run: framework and raw lapin side by side (or any number of
+//! series, for the peers), medians as bars, min..max as whiskers.
 
 use crate::stats::Stat;
 use std::fmt::Write;
@@ -38,20 +38,52 @@ pub struct Bar {
     pub baseline: Stat,
 }
 
+/// A group of bars, one per series (a series not measured has a `Stat` of count 0: no bar).
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// Where it goes.
+    pub panel: Panel,
+    /// Its label under the group.
+    pub label: String,
+    /// One per series, in the order of the series.
+    pub values: Vec<Stat>,
+}
+
 const WIDTH: f64 = 860.0;
 const PANEL_HEIGHT: f64 = 250.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
-const FRAMEWORK: &str = "#2f6db5";
-const BASELINE: &str = "#9a9a9a";
+/// Series colours: amqp-tasks first, then raw lapin (or the peers).
+const COLOURS: [&str; 6] = [
+    "#2f6db5", "#9a9a9a", "#e08a2c", "#4c9a4c", "#b54a8a", "#6b4fb5",
+];
 
 /// The SVG document for `bars`, with a title and a subtitle (where the numbers come from).
 pub fn svg(title: &str, subtitle: &str, bars: &[Bar]) -> String {
+    let groups: Vec<Group> = bars
+        .iter()
+        .map(|bar| Group {
+            panel: bar.panel,
+            label: bar.label.clone(),
+            values: vec![bar.framework, bar.baseline],
+        })
+        .collect();
+    grouped_svg(title, subtitle, &["amqp-tasks", "raw lapin"], &groups)
+}
+
+/// The SVG document for groups of bars, one bar per series in each group; with two series, the
+/// ratio of the first to the second is written under each group.
+pub fn grouped_svg(title: &str, subtitle: &str, series: &[&str], groups: &[Group]) -> String {
     let panels: Vec<Panel> = [Panel::Throughput, Panel::Latency, Panel::Memory]
         .into_iter()
-        .filter(|panel| bars.iter().any(|bar| bar.panel == *panel))
+        .filter(|panel| groups.iter().any(|group| group.panel == *panel))
         .collect();
-    let height = 80.0 + PANEL_HEIGHT * panels.len() as f64;
+    let rows = legend_rows(series);
+    // A subtitle may have several lines.
+    let subtitles: Vec<&str> = subtitle.lines().collect();
+    let below_subtitle = SUBTITLE_ROW * (subtitles.len().max(1) - 1) as f64;
+    let extra = below_subtitle + LEGEND_ROW * (rows.len().max(1) - 1) as f64;
+    let height = 80.0 + extra + PANEL_HEIGHT * panels.len() as f64;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -59,36 +91,79 @@ pub fn svg(title: &str, subtitle: &str, bars: &[Bar]) -> String {
     );
     let _ = writeln!(
         out,
-        r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text><text x="{LEFT}" y="40" fill="#555">{}</text>"##,
-        escape(title),
-        escape(subtitle)
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text>"##,
+        escape(title)
     );
-    legend(&mut out, WIDTH - 260.0, 62.0);
+    for (index, line) in subtitles.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            r##"<text x="{LEFT}" y="{}" fill="#555">{}</text>"##,
+            40.0 + SUBTITLE_ROW * index as f64,
+            escape(line)
+        );
+    }
+    legend(&mut out, series, &rows, 62.0 + below_subtitle);
     for (index, panel) in panels.iter().enumerate() {
-        let top = 70.0 + PANEL_HEIGHT * index as f64;
-        let group: Vec<&Bar> = bars.iter().filter(|bar| bar.panel == *panel).collect();
-        draw_panel(&mut out, *panel, &group, top);
+        let top = 70.0 + extra + PANEL_HEIGHT * index as f64;
+        let in_panel: Vec<&Group> = groups.iter().filter(|g| g.panel == *panel).collect();
+        draw_panel(&mut out, *panel, &in_panel, series.len(), top);
     }
     out.push_str("</svg>\n");
     out
 }
 
-fn legend(out: &mut String, x: f64, y: f64) {
-    for (offset, (colour, name)) in [(FRAMEWORK, "amqp-tasks"), (BASELINE, "raw lapin")]
-        .into_iter()
-        .enumerate()
-    {
-        let x = x + offset as f64 * 120.0;
-        let _ = writeln!(
-            out,
-            r#"<rect x="{x}" y="{}" width="14" height="14" fill="{colour}"/><text x="{}" y="{y}">{name}</text>"#,
-            y - 11.0,
-            x + 20.0
-        );
+fn colour(index: usize) -> &'static str {
+    COLOURS[index % COLOURS.len()]
+}
+
+const LEGEND_ROW: f64 = 18.0;
+const SUBTITLE_ROW: f64 = 15.0;
+
+fn legend_width(name: &str) -> f64 {
+    34.0 + 7.0 * name.chars().count() as f64
+}
+
+/// The series on each legend line: as many as fit in the width.
+fn legend_rows(series: &[&str]) -> Vec<Vec<usize>> {
+    let available = WIDTH - LEFT - RIGHT;
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0.0;
+    for (index, name) in series.iter().enumerate() {
+        let width = legend_width(name);
+        match rows.last_mut() {
+            Some(row) if used + width <= available => row.push(index),
+            _ => {
+                rows.push(vec![index]);
+                used = 0.0;
+            }
+        }
+        used += width;
+    }
+    rows
+}
+
+/// One entry per series, right-aligned, on as many lines as needed.
+fn legend(out: &mut String, series: &[&str], rows: &[Vec<usize>], y: f64) {
+    for (line, row) in rows.iter().enumerate() {
+        let y = y + LEGEND_ROW * line as f64;
+        let total: f64 = row.iter().map(|&index| legend_width(series[index])).sum();
+        let mut x = (WIDTH - RIGHT - total).max(LEFT);
+        for &index in row {
+            let name = series[index];
+            let _ = writeln!(
+                out,
+                r#"<rect x="{x:.1}" y="{}" width="14" height="14" fill="{}"/><text x="{:.1}" y="{y}">{}</text>"#,
+                y - 11.0,
+                colour(index),
+                x + 20.0,
+                escape(name)
+            );
+            x += legend_width(name);
+        }
     }
 }
 
-fn draw_panel(out: &mut String, panel: Panel, bars: &[&Bar], top: f64) {
+fn draw_panel(out: &mut String, panel: Panel, groups: &[&Group], series: usize, top: f64) {
     let plot_top = top + 30.0;
     let plot_bottom = top + PANEL_HEIGHT - 40.0;
     let plot_height = plot_bottom - plot_top;
@@ -98,9 +173,9 @@ fn draw_panel(out: &mut String, panel: Panel, bars: &[&Bar], top: f64) {
         top + 16.0,
         panel.title()
     );
-    let highest = bars
+    let highest = groups
         .iter()
-        .flat_map(|bar| [bar.framework.max, bar.baseline.max])
+        .flat_map(|group| group.values.iter().map(|stat| stat.max.max(stat.median)))
         .fold(0.0f64, f64::max);
     let step = nice_ceiling(highest * 1.1 / 5.0);
     let steps = ((highest * 1.1 / step).ceil() as u32).max(1);
@@ -118,20 +193,30 @@ fn draw_panel(out: &mut String, panel: Panel, bars: &[&Bar], top: f64) {
             y = y(value)
         );
     }
-    let slot = (WIDTH - LEFT - RIGHT) / bars.len().max(1) as f64;
-    let bar_width = (slot * 0.3).min(60.0);
-    for (index, bar) in bars.iter().enumerate() {
+    let slot = (WIDTH - LEFT - RIGHT) / groups.len().max(1) as f64;
+    let series = series.max(1);
+    let bar_width = (slot * 0.7 / series as f64).min(60.0);
+    let gap = 4.0;
+    for (index, group) in groups.iter().enumerate() {
         let centre = LEFT + slot * (index as f64 + 0.5);
-        for (offset, stat, colour) in [
-            (-bar_width - 2.0, bar.framework, FRAMEWORK),
-            (2.0, bar.baseline, BASELINE),
-        ] {
-            let x = centre + offset;
+        let first = centre - (bar_width * series as f64 + gap * (series - 1) as f64) / 2.0;
+        for (position, stat) in group.values.iter().enumerate().take(series) {
+            let x = first + position as f64 * (bar_width + gap);
+            if stat.count == 0 {
+                let _ = writeln!(
+                    out,
+                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="#777">n/a</text>"##,
+                    x + bar_width / 2.0,
+                    plot_bottom - 5.0
+                );
+                continue;
+            }
             let _ = writeln!(
                 out,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{bar_width:.1}" height="{:.1}" fill="{colour}"/>"#,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{bar_width:.1}" height="{:.1}" fill="{}"/>"#,
                 y(stat.median),
-                plot_bottom - y(stat.median)
+                plot_bottom - y(stat.median),
+                colour(position)
             );
             if stat.count > 1 {
                 let middle = x + bar_width / 2.0;
@@ -158,18 +243,26 @@ fn draw_panel(out: &mut String, panel: Panel, bars: &[&Bar], top: f64) {
                 short(stat.median)
             );
         }
-        let ratio = if bar.baseline.median > 0.0 {
-            bar.framework.median / bar.baseline.median
-        } else {
-            0.0
-        };
         let _ = writeln!(
             out,
-            r##"<text x="{centre:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{centre:.1}" y="{:.1}" text-anchor="middle" fill="#555">ratio {ratio:.2}</text>"##,
+            r#"<text x="{centre:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
             plot_bottom + 16.0,
-            escape(&bar.label),
-            plot_bottom + 30.0
+            escape(&group.label)
         );
+        if let [framework, baseline] = group.values.as_slice()
+            && series == 2
+        {
+            let ratio = if baseline.median > 0.0 {
+                framework.median / baseline.median
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                out,
+                r##"<text x="{centre:.1}" y="{:.1}" text-anchor="middle" fill="#555">ratio {ratio:.2}</text>"##,
+                plot_bottom + 30.0
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -237,5 +330,27 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("t &lt;noisy&gt;"));
         assert!(!svg.contains("Throughput"));
+    }
+
+    #[test]
+    fn a_grouped_chart_has_a_legend_per_series_and_skips_what_was_not_measured() {
+        let stat = Stat::of(&[10.0, 20.0]);
+        let svg = grouped_svg(
+            "peers",
+            "sub",
+            &["amqp-tasks", "Celery", "aio-pika"],
+            &[Group {
+                panel: Panel::Throughput,
+                label: "calls".into(),
+                values: vec![stat, Stat::default(), stat],
+            }],
+        );
+        assert!(svg.contains("Celery") && svg.contains("aio-pika") && svg.contains("n/a"));
+        assert_eq!(
+            svg.matches("<rect x=").count(),
+            3 + 2,
+            "3 legend boxes, 2 bars"
+        );
+        assert!(!svg.contains("ratio"), "no ratio with more than two series");
     }
 }

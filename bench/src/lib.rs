@@ -8,6 +8,7 @@
 
 pub mod chart;
 pub mod cpu;
+pub mod peers;
 pub mod procs;
 pub mod raw;
 pub mod scenarios;

@@ -3,8 +3,10 @@
 //! amqp-tasks against raw lapin, side by side in one run against the broker at `AMQP_URL`
 //! (default `amqp://guest:guest@127.0.0.1:5672/%2f`): `delay`, `call-1`, `call-64`, `memory`,
 //! `scale` or `all`; `--smoke` for a quick check that it still works (tiny N, one repetition, no
-//! targets). See BENCHMARKS.md.
+//! targets). `peers` (not part of `all`) runs amqp-tasks next to Celery 5, the Rust `celery`
+//! crate and aio-pika, which it installs or builds on first use. See BENCHMARKS.md.
 
+use amqp_tasks_bench::peers::{self, PeerKind};
 use amqp_tasks_bench::raw::{self, Dispatch, Wire};
 use amqp_tasks_bench::scenarios::{self, Only, Options, Scenario};
 use amqp_tasks_bench::{ROLE_ENV, chart};
@@ -20,7 +22,8 @@ struct Cli {
     #[arg(value_enum)]
     scenario: Scenario,
     /// Tasks (or calls) per repetition [default: 20000 for delay and scale, 5000 for call-1,
-    /// 20000 for call-64, 100000 for memory].
+    /// 20000 for call-64, 100000 for memory; peers: 10000 fire-and-forget tasks, N/10
+    /// sequential calls, N/2 calls with 64 in flight].
     #[arg(long)]
     n: Option<usize>,
     /// Repetitions; the two sides alternate, medians and min..max are reported.
@@ -48,6 +51,13 @@ struct Cli {
     /// Run one side only (for profiling it).
     #[arg(long, value_enum)]
     only: Option<Only>,
+    /// The peers of `peers`, in the order they run in each repetition (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PeerKind::ALL)]
+    peers: Vec<PeerKind>,
+    /// A note for the chart's subtitle and the run's first line (e.g. "preliminary: a loaded
+    /// machine").
+    #[arg(long)]
+    note: Option<String>,
     /// Write the chart of the run to this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
@@ -74,6 +84,7 @@ fn main() -> ExitCode {
         dispatch: cli.raw_dispatch,
         wire: cli.raw_wire,
         only: cli.only,
+        peers: cli.peers.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -85,14 +96,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let load_at_start = scenarios::load_average();
     println!(
-        "amqp-tasks-bench {}: {:?}{}; machine {}; load average {}; reps {}",
+        "amqp-tasks-bench {}: {:?}{}; machine {}; load average {load_at_start}; reps {}{}",
         env!("CARGO_PKG_VERSION"),
         cli.scenario,
         if cli.smoke { " (smoke)" } else { "" },
         scenarios::machine(),
-        scenarios::load_average(),
-        if cli.smoke { 1 } else { cli.reps }
+        if cli.smoke { 1 } else { cli.reps },
+        cli.note
+            .as_ref()
+            .map_or_else(String::new, |note| format!("; {note}"))
     );
     if cfg!(debug_assertions) && !cli.smoke {
         println!("warning: a debug build; measure with --release");
@@ -110,22 +124,44 @@ fn main() -> ExitCode {
         "\n=== summary (load average now {})\n",
         scenarios::load_average()
     );
-    print!("{}", scenarios::table(&outcome.reports));
+    if !outcome.reports.is_empty() {
+        print!("{}", scenarios::table(&outcome.reports));
+    }
     for report in &outcome.reports {
         println!("{}", report.result_line());
     }
+    if !outcome.peers.is_empty() {
+        print!("{}", peers::table(&outcome.peers));
+    }
+    for row in &outcome.peers {
+        println!("{}", row.result_line());
+    }
     if let Some(path) = &cli.svg {
         let subtitle = format!(
-            "{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max; load average {} at the end",
+            "{}{}, RabbitMQ on loopback; medians of {} reps, whiskers min..max\nload average {load_at_start} at the start, {} at the end",
+            cli.note
+                .as_ref()
+                .map_or_else(String::new, |note| format!("{note}\n")),
             scenarios::machine(),
             if cli.smoke { 1 } else { cli.reps },
             scenarios::load_average()
         );
-        let svg = chart::svg(
-            "amqp-tasks vs raw lapin, same run",
-            &subtitle,
-            &outcome.bars,
-        );
+        let svg = if outcome.peers.is_empty() {
+            chart::svg(
+                "amqp-tasks vs raw lapin, same run",
+                &subtitle,
+                &outcome.bars,
+            )
+        } else {
+            let labels: Vec<String> = outcome.peers.iter().map(|row| row.kind.legend()).collect();
+            let series: Vec<&str> = labels.iter().map(String::as_str).collect();
+            chart::grouped_svg(
+                "amqp-tasks and its peers, same run (guarantees differ: see BENCHMARKS.md)",
+                &subtitle,
+                &series,
+                &peers::chart_groups(&outcome.peers),
+            )
+        };
         if let Err(error) = std::fs::write(path, svg) {
             eprintln!("bench: cannot write {}: {error}", path.display());
             return ExitCode::FAILURE;

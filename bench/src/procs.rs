@@ -22,6 +22,8 @@ pub enum Side {
     Framework,
     /// The raw lapin consumer of [`crate::raw`].
     Raw,
+    /// The raw lapin consumer acking in batches ([`crate::raw::AckMode::Batch`]).
+    RawBatched,
 }
 
 impl Side {
@@ -30,6 +32,7 @@ impl Side {
         match self {
             Side::Framework => "amqp-tasks",
             Side::Raw => "raw lapin",
+            Side::RawBatched => "raw batched",
         }
     }
 }
@@ -96,6 +99,7 @@ impl WorkerGroup {
                 match side {
                     Side::Framework => "framework",
                     Side::Raw => "raw",
+                    Side::RawBatched => "raw-batched",
                 },
                 uuid::Uuid::new_v4().simple()
             ));
@@ -125,9 +129,15 @@ impl WorkerGroup {
                         .env("AMQP_TASKS_PREFETCH", config.prefetch.to_string())
                         .env("AMQP_TASKS_GRACE", "10s");
                 }
-                Side::Raw => {
+                Side::Raw | Side::RawBatched => {
+                    let ack = if side == Side::RawBatched {
+                        crate::raw::AckMode::Batch
+                    } else {
+                        crate::raw::AckMode::Acker
+                    };
                     command
                         .env(ROLE_ENV, "raw-worker")
+                        .env("AMQP_TASKS_BENCH_ACK", ack.as_str())
                         .env("AMQP_TASKS_BENCH_NAMESPACE", &config.namespace)
                         .env("AMQP_TASKS_BENCH_PREFETCH", config.prefetch.to_string())
                         .env("AMQP_TASKS_BENCH_DISPATCH", config.dispatch.as_str())
@@ -347,7 +357,11 @@ pub fn created_names(namespace: &str) -> (Vec<String>, Vec<String>) {
     );
     queues.push(crate::raw::sink_queue(namespace));
     queues.push(crate::raw::echo_queue(namespace));
-    let exchanges = vec![amqp_tasks::topology::delay_exchange(Some(namespace))];
+    queues.push(crate::raw::batched_queue(namespace));
+    let (peer_queues, peer_exchanges) = crate::peers::created_names(namespace);
+    queues.extend(peer_queues);
+    let mut exchanges = vec![amqp_tasks::topology::delay_exchange(Some(namespace))];
+    exchanges.extend(peer_exchanges);
     (queues, exchanges)
 }
 

@@ -13,6 +13,14 @@
 //!   delivery's channel before its ack. Acks go to one acker task per channel that acks each
 //!   contiguous finished run of delivery tags with one `multiple = true` ack and finished tags
 //!   beyond a gap one by one: the strategy of amqp-tasks' `worker/acker.rs`.
+//!
+//! Two more baselines, with fewer guarantees, show the ceilings the targets are set against:
+//! - the *plain* RPC client ([`RawClient::connect_plain`]): the same requests on a channel that is
+//!   not in confirm mode, so a call is one publish and one reply, nothing else;
+//! - the *batched-ack* consumer ([`AckMode::Batch`]): persistent messages and publisher confirms as
+//!   above, but the worker runs deliveries inline and acks with one `basic.ack` (`multiple =
+//!   true`) every [`BATCH_ACK`] deliveries, plus a flush after [`BATCH_IDLE`] without a delivery
+//!   so that the tail is acked.
 
 use crate::Res;
 use crate::tasks::progress;
@@ -103,6 +111,32 @@ impl Wire {
     }
 }
 
+/// Deliveries per `multiple = true` ack of the batched-ack consumer.
+pub const BATCH_ACK: u64 = 50;
+
+/// How long the batched-ack consumer waits for a delivery before it acks what it has (the tail).
+pub const BATCH_IDLE: Duration = Duration::from_millis(10);
+
+/// How the raw worker acks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// The acker task of amqp-tasks' strategy (the same guarantees): contiguous finished runs.
+    Acker,
+    /// Inline deliveries, one `multiple = true` ack every [`BATCH_ACK`] (and on idle): the
+    /// ceiling with full guarantees. Serves only [`batched_queue`].
+    Batch,
+}
+
+impl AckMode {
+    /// The name used in the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::Acker => "acker",
+            AckMode::Batch => "batch",
+        }
+    }
+}
+
 /// A unique message id without a system call per message (a UUID v4 from the OS costs one):
 /// the raw side gets the same cheap ids amqp-tasks generates.
 fn message_id() -> String {
@@ -127,6 +161,11 @@ pub fn sink_queue(namespace: &str) -> String {
 /// The raw queue of the `call` task in a namespace.
 pub fn echo_queue(namespace: &str) -> String {
     format!("{namespace}.raw.echo")
+}
+
+/// The raw queue of the batched-ack consumer in a namespace.
+pub fn batched_queue(namespace: &str) -> String {
+    format!("{namespace}.raw.batched")
 }
 
 /// `(payload,)` in bincode's standard configuration: the bytes amqp-tasks sends for `sink(payload)`.
@@ -157,7 +196,7 @@ async fn next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item
 // ------------------------------------------------------------------------------------------------
 // Client
 
-/// A raw lapin producer: a publisher channel in confirm mode and a reply queue.
+/// A raw lapin producer: a publisher channel (in confirm mode, unless plain) and a reply queue.
 pub struct RawClient {
     connection: Connection,
     publisher: Channel,
@@ -165,16 +204,31 @@ pub struct RawClient {
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
     next_correlation: AtomicU64,
     wire: Wire,
+    confirms: bool,
 }
 
 impl RawClient {
-    /// Connects, opens the publisher channel and the reply queue and its consumer.
+    /// Connects, opens the publisher channel in confirm mode and the reply queue and its
+    /// consumer: the same guarantees as amqp-tasks.
     pub async fn connect(url: &str, namespace: &str, wire: Wire) -> Res<RawClient> {
+        RawClient::open(url, namespace, wire, true).await
+    }
+
+    /// The plain RPC client: like [`RawClient::connect`], but the publisher channel is not in
+    /// confirm mode, so a call does not wait for the broker to take the request. For calls only
+    /// (`delay_many` needs confirms).
+    pub async fn connect_plain(url: &str, namespace: &str, wire: Wire) -> Res<RawClient> {
+        RawClient::open(url, namespace, wire, false).await
+    }
+
+    async fn open(url: &str, namespace: &str, wire: Wire, confirms: bool) -> Res<RawClient> {
         let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        if confirms {
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+        }
         let reply_queue = format!("{namespace}.raw.reply.{}", uuid::Uuid::new_v4().simple());
         let replies = connection.create_channel().await?;
         replies
@@ -221,6 +275,7 @@ impl RawClient {
             pending,
             next_correlation: AtomicU64::new(1),
             wire,
+            confirms,
         })
     }
 
@@ -234,6 +289,9 @@ impl RawClient {
         payload: &[u8],
         confirm_timeout: Duration,
     ) -> Res<()> {
+        if !self.confirms {
+            return Err("delay_many needs a client in confirm mode".into());
+        }
         let mut in_flight = VecDeque::with_capacity(window);
         for _ in 0..n {
             if in_flight.len() >= window {
@@ -267,7 +325,8 @@ impl RawClient {
         Ok(())
     }
 
-    /// One request/reply round trip: publish (confirmed) the request, await the answer.
+    /// One request/reply round trip: publish the request (and await its confirm, unless the
+    /// client is plain), await the answer.
     pub async fn call(&self, queue: &str, payload: &[u8], timeout: Duration) -> Res<u64> {
         let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
@@ -296,7 +355,9 @@ impl RawClient {
                     properties,
                 )
                 .await?;
-            check(confirm.await?)?;
+            if self.confirms {
+                check(confirm.await?)?;
+            }
             let reply = receiver.await?;
             let (length, _): (u64, usize) =
                 bincode::serde::decode_from_slice(&reply, bincode::config::standard())?;
@@ -333,7 +394,8 @@ fn check(confirmation: Confirmation) -> Res<()> {
 // Worker
 
 /// The raw worker process: `AMQP_URL`, `AMQP_TASKS_BENCH_NAMESPACE`, `AMQP_TASKS_BENCH_PREFETCH`,
-/// `AMQP_TASKS_BENCH_DISPATCH`; consumes both raw queues until SIGTERM or SIGINT.
+/// `AMQP_TASKS_BENCH_DISPATCH`, `AMQP_TASKS_BENCH_ACK` (`acker` or `batch`); consumes both raw
+/// queues (with `batch`: the batched-ack queue only) until SIGTERM or SIGINT.
 pub fn worker_main() -> std::process::ExitCode {
     let url = std::env::var("AMQP_URL").unwrap_or_else(|_| amqp_tasks::DEFAULT_URL.to_owned());
     let namespace = std::env::var("AMQP_TASKS_BENCH_NAMESPACE").unwrap_or_else(|_| "bench".into());
@@ -349,11 +411,15 @@ pub fn worker_main() -> std::process::ExitCode {
         Ok("framework") => Wire::Framework,
         _ => Wire::Minimal,
     };
+    let ack = match std::env::var("AMQP_TASKS_BENCH_ACK").as_deref() {
+        Ok("batch") => AckMode::Batch,
+        _ => AckMode::Acker,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let result = runtime.block_on(serve(&url, &namespace, prefetch, dispatch, wire));
+    let result = runtime.block_on(serve(&url, &namespace, prefetch, dispatch, wire, ack));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -376,15 +442,20 @@ async fn serve(
     prefetch: u16,
     dispatch: Dispatch,
     wire: Wire,
+    ack: AckMode,
 ) -> Res<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let mut consumers = Vec::new();
-    for (queue, job) in [
-        (sink_queue(namespace), Job::Sink),
-        (echo_queue(namespace), Job::Echo),
-    ] {
+    let queues = match ack {
+        AckMode::Acker => vec![
+            (sink_queue(namespace), Job::Sink),
+            (echo_queue(namespace), Job::Echo),
+        ],
+        AckMode::Batch => vec![(batched_queue(namespace), Job::Sink)],
+    };
+    for (queue, job) in queues {
         let channel = connection.create_channel().await?;
         channel
             .queue_declare(
@@ -404,12 +475,18 @@ async fn serve(
                 FieldTable::default(),
             )
             .await?;
-        let acks = spawn_acker(channel.clone());
-        consumers.push(tokio::spawn(consume(
-            channel, consumer, acks, job, dispatch, wire,
-        )));
+        consumers.push(match ack {
+            AckMode::Acker => {
+                let acks = spawn_acker(channel.clone());
+                tokio::spawn(consume(channel, consumer, acks, job, dispatch, wire))
+            }
+            AckMode::Batch => tokio::spawn(consume_batched(channel, consumer, job, wire)),
+        });
     }
-    eprintln!("raw worker ready (prefetch {prefetch}, dispatch {dispatch:?}, wire {wire:?})");
+    eprintln!(
+        "raw worker ready (prefetch {prefetch}, dispatch {dispatch:?}, wire {wire:?}, acks {})",
+        ack.as_str()
+    );
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -440,6 +517,39 @@ async fn consume(
                     let _ = acks.send(delivery.delivery_tag);
                 });
             }
+        }
+    }
+}
+
+/// Runs deliveries inline and acks them with one `multiple = true` ack every [`BATCH_ACK`], and
+/// whatever is unacked after [`BATCH_IDLE`] without a delivery.
+async fn consume_batched(channel: Channel, mut consumer: Consumer, job: Job, wire: Wire) {
+    let mut unacked = 0u64;
+    let mut last_tag = 0u64;
+    loop {
+        let delivery = if unacked == 0 {
+            next(&mut consumer).await
+        } else {
+            match tokio::time::timeout(BATCH_IDLE, next(&mut consumer)).await {
+                Ok(delivery) => delivery,
+                Err(_idle) => {
+                    let _ = channel
+                        .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                        .await;
+                    unacked = 0;
+                    continue;
+                }
+            }
+        };
+        let Some(Ok(delivery)) = delivery else { break };
+        handle(&channel, &delivery, job, wire).await;
+        last_tag = delivery.delivery_tag;
+        unacked += 1;
+        if unacked >= BATCH_ACK {
+            let _ = channel
+                .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                .await;
+            unacked = 0;
         }
     }
 }

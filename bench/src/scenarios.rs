@@ -30,6 +30,9 @@ pub enum Scenario {
     Memory,
     /// 1, 2 and 4 worker processes on one queue.
     Scale,
+    /// amqp-tasks and its peers (Celery 5, the Rust `celery` crate, aio-pika), one after the
+    /// other on the same broker; not part of `all` (it installs and builds the peers).
+    Peers,
     /// Everything, in this order.
     All,
 }
@@ -82,6 +85,8 @@ pub struct Options {
     pub wire: Wire,
     /// Run one side only (for profiling); no ratios then.
     pub only: Option<Only>,
+    /// The peers of the `peers` scenario, in the order they run.
+    pub peers: Vec<crate::peers::PeerKind>,
 }
 
 const PAYLOAD_BYTES: usize = 64;
@@ -95,6 +100,8 @@ pub struct Outcome {
     pub reports: Vec<Report>,
     /// What the chart shows.
     pub bars: Vec<Bar>,
+    /// The `peers` scenario's rows.
+    pub peers: Vec<crate::peers::PeerRow>,
 }
 
 /// Runs the scenarios, each in a namespace of its own that is deleted afterwards (also on error).
@@ -126,9 +133,20 @@ pub async fn run(options: &Options, scenarios: &[Scenario]) -> Res<Outcome> {
             broker: cpu::broker_pid(),
         };
         // A task of its own, so that a panic still reaches the clean-up below.
-        let result = tokio::spawn(async move { bench.scenario(scenario).await }).await;
+        let result = tokio::spawn(async move {
+            if scenario == Scenario::Peers {
+                bench
+                    .peers()
+                    .await
+                    .map(|rows| (Vec::new(), Vec::new(), rows))
+            } else {
+                let (reports, bars) = bench.scenario(scenario).await?;
+                Ok((reports, bars, Vec::new()))
+            }
+        })
+        .await;
         let cleaned = procs::clean_up(&options.url, &namespace).await;
-        let (reports, bars) = match result {
+        let (reports, bars, peers) = match result {
             Ok(Ok(done)) => done,
             Ok(Err(error)) => return Err(format!("{scenario:?}: {error}").into()),
             Err(panic) => return Err(format!("{scenario:?} panicked: {panic}").into()),
@@ -139,16 +157,17 @@ pub async fn run(options: &Options, scenarios: &[Scenario]) -> Res<Outcome> {
         }
         outcome.reports.extend(reports);
         outcome.bars.extend(bars);
+        outcome.peers.extend(peers);
     }
     let _ = std::fs::remove_dir_all(&log_dir);
     Ok(outcome)
 }
 
-struct Bench {
-    options: Options,
-    config: WorkerConfig,
+pub(crate) struct Bench {
+    pub(crate) options: Options,
+    pub(crate) config: WorkerConfig,
     /// The broker's process, when it runs on this machine: its CPU time is reported.
-    broker: Option<u32>,
+    pub(crate) broker: Option<u32>,
 }
 
 /// CPU per task of each repetition of one side.
@@ -191,20 +210,49 @@ impl CpuFigures {
 /// One side's producer.
 enum Producer {
     Framework(Client),
-    Raw(Arc<RawClient>),
+    /// A raw client and the queue it sends to.
+    Raw(Arc<RawClient>, String),
 }
 
-/// Both sides' workers and producers of a scenario.
-struct Sides {
+/// The workers and producers of a scenario.
+pub(crate) struct Sides {
     framework: Option<(WorkerGroup, Client)>,
     raw: Option<(WorkerGroup, Arc<RawClient>)>,
+    /// The batched-ack raw consumer; its producer is the raw side's client.
+    raw_batched: Option<WorkerGroup>,
+    /// The plain raw RPC client (no confirms); it calls the raw side's worker.
+    raw_plain: Option<Arc<RawClient>>,
 }
 
 impl Sides {
-    async fn close(self) -> Res<()> {
+    /// amqp-tasks alone (the `peers` scenario).
+    pub(crate) fn framework_only(framework: (WorkerGroup, Client)) -> Sides {
+        Sides {
+            framework: Some(framework),
+            raw: None,
+            raw_batched: None,
+            raw_plain: None,
+        }
+    }
+
+    /// RSS of the (first) framework worker.
+    pub(crate) fn framework_memory(&self) -> procs::Memory {
+        self.framework
+            .as_ref()
+            .map(|(group, _)| group.memory()[0])
+            .unwrap_or_default()
+    }
+
+    pub(crate) async fn close(self) -> Res<()> {
         let mut errors = Vec::new();
         if let Some((group, client)) = self.framework {
             client.close().await;
+            errors.extend(group.stop().err());
+        }
+        if let Some(client) = self.raw_plain {
+            client.close().await;
+        }
+        if let Some(group) = self.raw_batched {
             errors.extend(group.stop().err());
         }
         if let Some((group, client)) = self.raw {
@@ -224,15 +272,67 @@ impl Sides {
     }
 }
 
+/// The baselines with fewer guarantees that a scenario runs besides raw lapin.
+#[derive(Clone, Copy, Debug, Default)]
+struct Extras {
+    /// The batched-ack raw consumer (`delay`).
+    batched: bool,
+    /// The plain raw RPC client (calls).
+    plain: bool,
+}
+
+/// Who makes the calls of a call round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// amqp-tasks: `in_flight` spawned tasks, each looping over `.call()`.
+    Framework,
+    /// amqp-tasks: every call driven from one task (`buffer_unordered(in_flight)`).
+    FrameworkOneTask,
+    /// Raw lapin with the same guarantees: `in_flight` spawned tasks.
+    Raw,
+    /// The plain raw lapin RPC client (no confirms): `in_flight` spawned tasks.
+    RawPlain,
+}
+
+impl Caller {
+    fn label(self) -> &'static str {
+        match self {
+            Caller::Framework => "amqp-tasks",
+            Caller::FrameworkOneTask => "amqp-tasks, one task",
+            Caller::Raw => "raw lapin",
+            Caller::RawPlain => "raw plain",
+        }
+    }
+}
+
+/// The figures of one side over the repetitions of a delay scenario.
+#[derive(Default)]
+struct DelayFigures {
+    rate: Vec<f64>,
+    publish: Vec<f64>,
+    cpu: CpuFigures,
+}
+
+/// The figures of one caller over the repetitions of a call scenario.
+#[derive(Default)]
+struct CallFigures {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu: CpuFigures,
+}
+
+const PLAIN_SETTINGS: &str = "; baseline: the plain raw lapin RPC client: the same requests on a channel NOT in confirm mode (one publish, one reply), one exclusive client-named reply queue (no_ack), correlation ids; the same raw worker";
+
 impl Bench {
-    fn n(&self, default: usize, smoke: usize) -> usize {
+    pub(crate) fn n(&self, default: usize, smoke: usize) -> usize {
         self.options
             .n
             .unwrap_or(if self.options.smoke { smoke } else { default })
             .max(1)
     }
 
-    fn reps(&self) -> usize {
+    pub(crate) fn reps(&self) -> usize {
         if self.options.smoke {
             1
         } else {
@@ -243,25 +343,35 @@ impl Bench {
     fn wants(&self, side: Side) -> bool {
         matches!(
             (self.options.only, side),
-            (None, _) | (Some(Only::Framework), Side::Framework) | (Some(Only::Raw), Side::Raw)
+            (None, _)
+                | (Some(Only::Framework), Side::Framework)
+                | (Some(Only::Raw), Side::Raw | Side::RawBatched)
         )
     }
 
-    fn namespace(&self) -> &str {
+    fn wants_caller(&self, caller: Caller) -> bool {
+        self.wants(match caller {
+            Caller::Framework | Caller::FrameworkOneTask => Side::Framework,
+            Caller::Raw | Caller::RawPlain => Side::Raw,
+        })
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
         &self.config.namespace
     }
 
-    fn sink_queue(&self, side: Side) -> String {
+    pub(crate) fn sink_queue(&self, side: Side) -> String {
         match side {
             Side::Framework => format!("{}.bench.sink", self.namespace()),
             Side::Raw => raw::sink_queue(self.namespace()),
+            Side::RawBatched => raw::batched_queue(self.namespace()),
         }
     }
 
-    fn echo_queue(&self, side: Side) -> String {
+    pub(crate) fn echo_queue(&self, side: Side) -> String {
         match side {
             Side::Framework => format!("{}.bench.echo", self.namespace()),
-            Side::Raw => raw::echo_queue(self.namespace()),
+            Side::Raw | Side::RawBatched => raw::echo_queue(self.namespace()),
         }
     }
 
@@ -277,25 +387,47 @@ impl Bench {
         )
     }
 
-    /// Starts `count` worker processes per wanted side and a producer per side.
-    async fn start(&self, count: usize, ready_queue: fn(&Bench, Side) -> String) -> Res<Sides> {
+    /// Starts `count` framework worker processes and a client; returns once the workers consume
+    /// every queue in `ready`.
+    pub(crate) async fn start_framework(
+        &self,
+        count: usize,
+        ready: &[String],
+    ) -> Res<(WorkerGroup, Client)> {
+        let limit = Duration::from_secs(60);
+        let group = WorkerGroup::start(Side::Framework, count, &self.config)?;
+        for queue in ready {
+            group.wait_ready(&self.config.url, queue, limit).await?;
+        }
+        let client = Client::builder(self.config.url.clone())
+            .namespace(self.namespace())
+            .connection_name("amqp-tasks-bench")
+            .confirm_timeout(CONFIRM_TIMEOUT)
+            .connect()
+            .await?;
+        Ok((group, client))
+    }
+
+    /// Starts `count` worker processes per wanted side and a producer per side, and the extra
+    /// baselines asked for.
+    async fn start(
+        &self,
+        count: usize,
+        ready_queue: fn(&Bench, Side) -> String,
+        extras: Extras,
+    ) -> Res<Sides> {
         let mut sides = Sides {
             framework: None,
             raw: None,
+            raw_batched: None,
+            raw_plain: None,
         };
         let limit = Duration::from_secs(60);
         if self.wants(Side::Framework) {
-            let group = WorkerGroup::start(Side::Framework, count, &self.config)?;
-            group
-                .wait_ready(&self.config.url, &ready_queue(self, Side::Framework), limit)
-                .await?;
-            let client = Client::builder(self.config.url.clone())
-                .namespace(self.namespace())
-                .connection_name("amqp-tasks-bench")
-                .confirm_timeout(CONFIRM_TIMEOUT)
-                .connect()
-                .await?;
-            sides.framework = Some((group, client));
+            sides.framework = Some(
+                self.start_framework(count, &[ready_queue(self, Side::Framework)])
+                    .await?,
+            );
         }
         if self.wants(Side::Raw) {
             let group = WorkerGroup::start(Side::Raw, count, &self.config)?;
@@ -305,6 +437,19 @@ impl Bench {
             let client =
                 RawClient::connect(&self.config.url, self.namespace(), self.options.wire).await?;
             sides.raw = Some((group, Arc::new(client)));
+            if extras.batched {
+                let group = WorkerGroup::start(Side::RawBatched, count, &self.config)?;
+                group
+                    .wait_ready(&self.config.url, &self.sink_queue(Side::RawBatched), limit)
+                    .await?;
+                sides.raw_batched = Some(group);
+            }
+            if extras.plain {
+                let client =
+                    RawClient::connect_plain(&self.config.url, self.namespace(), self.options.wire)
+                        .await?;
+                sides.raw_plain = Some(Arc::new(client));
+            }
         }
         Ok(sides)
     }
@@ -313,11 +458,14 @@ impl Bench {
         match scenario {
             Scenario::Delay => {
                 let n = self.n(20_000, 300);
-                let sides = self.start(1, Bench::sink_queue).await?;
+                let extras = Extras {
+                    batched: true,
+                    ..Extras::default()
+                };
+                let sides = self.start(1, Bench::sink_queue, extras).await?;
                 let result = self.throughput(&sides, "delay", n).await;
                 sides.close().await?;
-                let (report, bar) = result?;
-                Ok((vec![report], vec![bar]))
+                result
             }
             Scenario::Call1 => self.calls("call-1", 1, self.n(5_000, 50)).await,
             Scenario::Call64 => self.calls("call-64", 64, self.n(20_000, 256)).await,
@@ -328,23 +476,26 @@ impl Bench {
                 let mut bars = Vec::new();
                 for workers in [1, 2, 4] {
                     println!("--- {workers} worker process(es) per side");
-                    let sides = self.start(workers, Bench::sink_queue).await?;
+                    let sides = self
+                        .start(workers, Bench::sink_queue, Extras::default())
+                        .await?;
                     let result = self
                         .throughput(&sides, &format!("scale-{workers}"), n)
                         .await;
                     sides.close().await?;
                     let (report, bar) = result?;
-                    reports.push(report);
-                    bars.push(bar);
+                    reports.extend(report);
+                    bars.extend(bar);
                 }
                 Ok((reports, bars))
             }
+            Scenario::Peers => unreachable!("run on its own"),
             Scenario::All => unreachable!("expanded before"),
         }
     }
 
     /// Sends `n` tasks and waits until the workers ran them all; tasks per second.
-    async fn one_delay_round(
+    pub(crate) async fn one_delay_round(
         &self,
         sides: &Sides,
         side: Side,
@@ -358,7 +509,12 @@ impl Bench {
             }
             Side::Raw => {
                 let (group, client) = sides.raw.as_ref().expect("raw side");
-                (group, Producer::Raw(client.clone()))
+                (group, Producer::Raw(client.clone(), self.sink_queue(side)))
+            }
+            Side::RawBatched => {
+                let group = sides.raw_batched.as_ref().expect("batched side");
+                let (_, client) = sides.raw.as_ref().expect("raw side");
+                (group, Producer::Raw(client.clone(), self.sink_queue(side)))
             }
         };
         let target = group.total() + n as u64;
@@ -370,15 +526,9 @@ impl Bench {
             Producer::Framework(client) => {
                 delay_framework(&client, n, self.options.window, &payload).await?;
             }
-            Producer::Raw(client) => {
+            Producer::Raw(client, queue) => {
                 client
-                    .delay_many(
-                        &self.sink_queue(Side::Raw),
-                        n,
-                        self.options.window,
-                        &payload,
-                        CONFIRM_TIMEOUT,
-                    )
+                    .delay_many(&queue, n, self.options.window, &payload, CONFIRM_TIMEOUT)
                     .await?;
             }
         }
@@ -393,43 +543,47 @@ impl Bench {
         ))
     }
 
-    async fn throughput(&self, sides: &Sides, name: &str, n: usize) -> Res<(Report, Bar)> {
-        let warm_up = (n / 5).clamp(1, 2_000);
-        for side in [Side::Framework, Side::Raw] {
-            if self.wants(side) {
-                self.one_delay_round(sides, side, warm_up).await?;
-            }
+    /// The delay rounds of every side present, interleaved; a report (and a bar) for amqp-tasks
+    /// against raw lapin, and one against the batched-ack consumer when it runs.
+    async fn throughput(
+        &self,
+        sides: &Sides,
+        name: &str,
+        n: usize,
+    ) -> Res<(Vec<Report>, Vec<Bar>)> {
+        let mut present = Vec::new();
+        if sides.framework.is_some() {
+            present.push(Side::Framework);
         }
-        let mut framework = Vec::new();
-        let mut baseline = Vec::new();
-        let mut framework_publish = Vec::new();
-        let mut baseline_publish = Vec::new();
-        let mut framework_cpu = CpuFigures::default();
-        let mut baseline_cpu = CpuFigures::default();
+        if sides.raw.is_some() {
+            present.push(Side::Raw);
+        }
+        if sides.raw_batched.is_some() {
+            present.push(Side::RawBatched);
+        }
+        let warm_up = (n / 5).clamp(1, 2_000);
+        for &side in &present {
+            self.one_delay_round(sides, side, warm_up).await?;
+        }
+        let mut figures: [DelayFigures; 3] = Default::default();
+        let index = |side: Side| match side {
+            Side::Framework => 0,
+            Side::Raw => 1,
+            Side::RawBatched => 2,
+        };
         for rep in 0..self.reps() {
             let mut line = format!("rep {}:", rep + 1);
-            for side in [Side::Framework, Side::Raw] {
-                if !self.wants(side) {
-                    continue;
-                }
+            for &side in &present {
                 let (rate, publish_rate, per_task) = self.one_delay_round(sides, side, n).await?;
                 line.push_str(&format!(
-                    "\n  {:<10} {rate:>6.0} tasks/s (all confirmed at {publish_rate:.0}/s); {}",
+                    "\n  {:<11} {rate:>6.0} tasks/s (all confirmed at {publish_rate:.0}/s); {}",
                     side.label(),
                     per_task.show()
                 ));
-                match side {
-                    Side::Framework => {
-                        framework.push(rate);
-                        framework_publish.push(publish_rate);
-                        framework_cpu.push(per_task);
-                    }
-                    Side::Raw => {
-                        baseline.push(rate);
-                        baseline_publish.push(publish_rate);
-                        baseline_cpu.push(per_task);
-                    }
-                }
+                let figures = &mut figures[index(side)];
+                figures.rate.push(rate);
+                figures.publish.push(publish_rate);
+                figures.cpu.push(per_task);
             }
             println!("{line}");
         }
@@ -437,77 +591,147 @@ impl Bench {
             || sides.raw.as_ref().map_or(0, |s| s.0.pids().len()),
             |s| s.0.pids().len(),
         );
-        let mut extra = vec![
-            ("n".into(), n.to_string()),
-            ("reps".into(), self.reps().to_string()),
-            ("workers".into(), workers.to_string()),
-            ("window".into(), self.options.window.to_string()),
-            (
-                "framework_send_rate".into(),
-                crate::stats::number(Stat::of(&framework_publish).median),
-            ),
-            (
-                "baseline_send_rate".into(),
-                crate::stats::number(Stat::of(&baseline_publish).median),
-            ),
-        ];
-        extra.extend(framework_cpu.fields("framework"));
-        extra.extend(baseline_cpu.fields("baseline"));
-        let report = Report {
-            scenario: name.to_owned(),
-            metric: format!("end-to-end tasks/s ({n} tasks, {workers} worker process(es) per side)"),
-            unit: "tasks/s",
-            better: Better::Higher,
-            framework: Stat::of(&framework),
-            baseline: Stat::of(&baseline),
-            paired_ratio: paired(&framework, &baseline),
-            extra,
-            verdict: None,
-            settings: self.settings(&format!(
-                "; persistent (delivery_mode 2); {} confirms in flight; end = the worker(s) reported \
-                 the n-th finished task",
-                self.options.window
-            )),
+        let [framework, baseline, batched] = &figures;
+        let report = |scenario: &str, metric: String, baseline: &DelayFigures, extra: &str| {
+            let mut fields = vec![
+                ("n".into(), n.to_string()),
+                ("reps".into(), self.reps().to_string()),
+                ("workers".into(), workers.to_string()),
+                ("window".into(), self.options.window.to_string()),
+                (
+                    "framework_send_rate".into(),
+                    crate::stats::number(Stat::of(&framework.publish).median),
+                ),
+                (
+                    "baseline_send_rate".into(),
+                    crate::stats::number(Stat::of(&baseline.publish).median),
+                ),
+            ];
+            fields.extend(framework.cpu.fields("framework"));
+            fields.extend(baseline.cpu.fields("baseline"));
+            Report {
+                scenario: scenario.to_owned(),
+                metric,
+                unit: "tasks/s",
+                better: Better::Higher,
+                framework: Stat::of(&framework.rate),
+                baseline: Stat::of(&baseline.rate),
+                paired_ratio: paired(&framework.rate, &baseline.rate),
+                extra: fields,
+                verdict: None,
+                settings: self.settings(&format!(
+                    "; persistent (delivery_mode 2); {} confirms in flight; end = the worker(s) \
+                     reported the n-th finished task{extra}",
+                    self.options.window
+                )),
+            }
         };
-        let report = self.judge(report, |r| {
+        let main = report(
+            name,
+            format!("end-to-end tasks/s ({n} tasks, {workers} worker process(es) per side)"),
+            baseline,
+            "",
+        );
+        let main = self.judge(main, |r| {
             (name == "delay").then(|| ("framework ≥ 0.9× raw".to_owned(), r.ratio() >= 0.9))
         });
-        let bar = Bar {
+        let mut bars = vec![Bar {
             panel: Panel::Throughput,
             label: name.to_owned(),
-            framework: report.framework,
-            baseline: report.baseline,
-        };
-        Ok((report, bar))
+            framework: main.framework,
+            baseline: main.baseline,
+        }];
+        let mut reports = vec![main];
+        if sides.raw_batched.is_some() {
+            let scenario = format!("{name}-batched-ack");
+            let batched = report(
+                &scenario,
+                format!(
+                    "end-to-end tasks/s ({n} tasks) vs raw lapin acking every {} deliveries \
+                     (multiple=true)",
+                    raw::BATCH_ACK
+                ),
+                batched,
+                &format!(
+                    "; baseline: the batched-ack raw consumer: deliveries run inline, one \
+                     basic.ack multiple=true every {} deliveries and after {} ms without one \
+                     (the ceiling with full guarantees)",
+                    raw::BATCH_ACK,
+                    raw::BATCH_IDLE.as_millis()
+                ),
+            );
+            let batched = self.judge(batched, |r| {
+                Some((
+                    format!("framework ≥ 0.85× raw acking every {}", raw::BATCH_ACK),
+                    r.ratio() >= 0.85,
+                ))
+            });
+            bars.push(Bar {
+                panel: Panel::Throughput,
+                label: scenario,
+                framework: batched.framework,
+                baseline: batched.baseline,
+            });
+            reports.push(batched);
+        }
+        Ok((reports, bars))
     }
 
     async fn calls(&self, name: &str, in_flight: usize, n: usize) -> Res<(Vec<Report>, Vec<Bar>)> {
-        let sides = self.start(1, Bench::echo_queue).await?;
+        let extras = Extras {
+            plain: true,
+            ..Extras::default()
+        };
+        let sides = self.start(1, Bench::echo_queue, extras).await?;
         let result = self.call_reps(&sides, name, in_flight, n).await;
         sides.close().await?;
         result
     }
 
-    async fn one_call_round(
+    /// `n` calls by `caller` with `in_flight` of them at once: calls per second, the sorted
+    /// latencies and the CPU per call.
+    pub(crate) async fn one_call_round(
         &self,
         sides: &Sides,
-        side: Side,
+        caller: Caller,
         in_flight: usize,
         n: usize,
     ) -> Res<(f64, Vec<std::time::Duration>, PerTask)> {
         let payload = vec![0xA5u8; PAYLOAD_BYTES];
         let mut loops = JoinSet::new();
-        let pids = match side {
-            Side::Framework => sides.framework.as_ref().expect("framework").0.pids(),
-            Side::Raw => sides.raw.as_ref().expect("raw").0.pids(),
+        let pids = match caller {
+            Caller::Framework | Caller::FrameworkOneTask => {
+                sides.framework.as_ref().expect("framework").0.pids()
+            }
+            Caller::Raw | Caller::RawPlain => sides.raw.as_ref().expect("raw").0.pids(),
         };
         let before = cpu::Sample::take(&pids, self.broker);
         let start = Instant::now();
+        let mut latencies = Vec::with_capacity(n);
+        if caller == Caller::FrameworkOneTask {
+            // All calls from this one task: no spawn per caller loop.
+            use futures_util::{StreamExt, TryStreamExt};
+            let client = &sides.framework.as_ref().expect("framework").1;
+            latencies = futures_util::stream::iter(0..n)
+                .map(|_| {
+                    let payload = payload.clone();
+                    async move {
+                        let began = Instant::now();
+                        let length = echo::new(payload).call(client).await?;
+                        assert_eq!(length, PAYLOAD_BYTES as u64);
+                        Ok::<_, Error>(began.elapsed())
+                    }
+                })
+                .buffer_unordered(in_flight.max(1))
+                .try_collect()
+                .await?;
+        }
         for index in 0..in_flight {
             let count = n / in_flight + usize::from(index < n % in_flight);
             let payload = payload.clone();
-            match side {
-                Side::Framework => {
+            match caller {
+                Caller::FrameworkOneTask => break,
+                Caller::Framework => {
                     let client = sides.framework.as_ref().expect("framework").1.clone();
                     loops.spawn(async move {
                         let mut latencies = Vec::with_capacity(count);
@@ -520,8 +744,12 @@ impl Bench {
                         Ok::<_, Error>(latencies)
                     });
                 }
-                Side::Raw => {
-                    let client = sides.raw.as_ref().expect("raw").1.clone();
+                Caller::Raw | Caller::RawPlain => {
+                    let client = if caller == Caller::Raw {
+                        sides.raw.as_ref().expect("raw").1.clone()
+                    } else {
+                        sides.raw_plain.clone().expect("plain raw client")
+                    };
                     let queue = self.echo_queue(Side::Raw);
                     loops.spawn(async move {
                         let mut latencies = Vec::with_capacity(count);
@@ -536,7 +764,6 @@ impl Bench {
                 }
             }
         }
-        let mut latencies = Vec::with_capacity(n);
         while let Some(result) = loops.join_next().await {
             latencies.extend(result??);
         }
@@ -553,42 +780,42 @@ impl Bench {
         in_flight: usize,
         n: usize,
     ) -> Res<(Vec<Report>, Vec<Bar>)> {
+        let mut callers = vec![Caller::Framework];
+        if in_flight > 1 {
+            callers.push(Caller::FrameworkOneTask);
+        }
+        callers.push(Caller::Raw);
+        if sides.raw_plain.is_some() {
+            callers.push(Caller::RawPlain);
+        }
+        callers.retain(|caller| self.wants_caller(*caller));
         let warm_up = (n / 10).clamp(in_flight, 1_000);
-        for side in [Side::Framework, Side::Raw] {
-            if self.wants(side) {
-                self.one_call_round(sides, side, in_flight, warm_up).await?;
-            }
+        for &caller in &callers {
+            self.one_call_round(sides, caller, in_flight, warm_up)
+                .await?;
         }
-        #[derive(Default)]
-        struct Figures {
-            rate: Vec<f64>,
-            p50: Vec<f64>,
-            p99: Vec<f64>,
-            cpu: CpuFigures,
-        }
-        let mut framework = Figures::default();
-        let mut baseline = Figures::default();
+        let mut figures: [CallFigures; 4] = Default::default();
+        let index = |caller: Caller| match caller {
+            Caller::Framework => 0,
+            Caller::FrameworkOneTask => 1,
+            Caller::Raw => 2,
+            Caller::RawPlain => 3,
+        };
         for rep in 0..self.reps() {
             let mut line = format!("rep {}:", rep + 1);
-            for side in [Side::Framework, Side::Raw] {
-                if !self.wants(side) {
-                    continue;
-                }
+            for &caller in &callers {
                 let (rate, latencies, per_task) =
-                    self.one_call_round(sides, side, in_flight, n).await?;
+                    self.one_call_round(sides, caller, in_flight, n).await?;
                 let (p50, p99) = (
                     percentile_us(&latencies, 50.0),
                     percentile_us(&latencies, 99.0),
                 );
                 line.push_str(&format!(
-                    "\n  {:<10} {rate:>6.0} calls/s p50 {p50:.0} µs p99 {p99:.0} µs; {}",
-                    side.label(),
+                    "\n  {:<20} {rate:>6.0} calls/s p50 {p50:.0} µs p99 {p99:.0} µs; {}",
+                    caller.label(),
                     per_task.show()
                 ));
-                let figures = match side {
-                    Side::Framework => &mut framework,
-                    Side::Raw => &mut baseline,
-                };
+                let figures = &mut figures[index(caller)];
                 figures.rate.push(rate);
                 figures.p50.push(p50);
                 figures.p99.push(p99);
@@ -596,6 +823,74 @@ impl Bench {
             }
             println!("{line}");
         }
+        let [framework, one_task, baseline, plain] = &figures;
+        let same = "; requests transient with expiration, confirmed before the reply is awaited; one exclusive client-named reply queue per client (no_ack)";
+        let mut reports = Vec::new();
+        let mut bars = Vec::new();
+        let (report, bar) = self.call_report(name, in_flight, n, framework, baseline, same);
+        let report = if in_flight == 1 {
+            self.judge(report, |r| {
+                Some(("framework p50 ≤ 1.15× raw".to_owned(), r.ratio() <= 1.15))
+            })
+        } else {
+            self.judge(report, |r| {
+                Some(("framework ≥ 0.9× raw".to_owned(), r.ratio() >= 0.9))
+            })
+        };
+        reports.push(report);
+        bars.extend(bar);
+        if sides.raw_plain.is_some() {
+            let plain_name = format!("{name}-plain");
+            let (report, bar) =
+                self.call_report(&plain_name, in_flight, n, framework, plain, PLAIN_SETTINGS);
+            let report = if in_flight == 1 {
+                self.judge(report, |r| {
+                    Some((
+                        "framework p50 ≤ 1.1× the plain raw RPC client".to_owned(),
+                        r.ratio() <= 1.1,
+                    ))
+                })
+            } else {
+                self.judge(report, |r| {
+                    Some((
+                        "framework ≥ 0.9× the plain raw RPC client".to_owned(),
+                        r.ratio() >= 0.9,
+                    ))
+                })
+            };
+            reports.push(report);
+            bars.extend(bar);
+            if in_flight > 1 {
+                let one_name = format!("{name}-one-task");
+                let settings = format!(
+                    "; framework: all {in_flight} calls in flight driven from ONE task \
+                     (futures buffer_unordered({in_flight})){PLAIN_SETTINGS}"
+                );
+                let (report, bar) =
+                    self.call_report(&one_name, in_flight, n, one_task, plain, &settings);
+                let report = self.judge(report, |r| {
+                    Some((
+                        "framework from one task ≥ 0.9× the plain raw RPC client".to_owned(),
+                        r.ratio() >= 0.9,
+                    ))
+                });
+                reports.push(report);
+                bars.extend(bar);
+            }
+        }
+        Ok((reports, bars))
+    }
+
+    /// The report and bars of one framework caller against one baseline caller.
+    fn call_report(
+        &self,
+        name: &str,
+        in_flight: usize,
+        n: usize,
+        framework: &CallFigures,
+        baseline: &CallFigures,
+        settings: &str,
+    ) -> (Report, Vec<Bar>) {
         let rate = (Stat::of(&framework.rate), Stat::of(&baseline.rate));
         let p50 = (Stat::of(&framework.p50), Stat::of(&baseline.p50));
         let p99 = (Stat::of(&framework.p99), Stat::of(&baseline.p99));
@@ -607,7 +902,7 @@ impl Bench {
         ];
         extra.extend(framework.cpu.fields("framework"));
         extra.extend(baseline.cpu.fields("baseline"));
-        let (report, bars) = if in_flight == 1 {
+        if in_flight == 1 {
             extra.extend([
                 ("framework_rps".into(), number(rate.0.median)),
                 ("baseline_rps".into(), number(rate.1.median)),
@@ -624,11 +919,8 @@ impl Bench {
                 paired_ratio: paired(&framework.p50, &baseline.p50),
                 extra,
                 verdict: None,
-                settings: self.settings("; requests transient with expiration, confirmed before the reply is awaited; one exclusive client-named reply queue per client (no_ack)"),
+                settings: self.settings(settings),
             };
-            let report = self.judge(report, |r| {
-                Some(("framework p50 ≤ 1.15× raw".to_owned(), r.ratio() <= 1.15))
-            });
             let bars = vec![
                 Bar {
                     panel: Panel::Latency,
@@ -661,11 +953,8 @@ impl Bench {
                 paired_ratio: paired(&framework.rate, &baseline.rate),
                 extra,
                 verdict: None,
-                settings: self.settings("; requests transient with expiration, confirmed before the reply is awaited; one exclusive client-named reply queue per client (no_ack)"),
+                settings: self.settings(settings),
             };
-            let report = self.judge(report, |r| {
-                Some(("framework ≥ 0.9× raw".to_owned(), r.ratio() >= 0.9))
-            });
             let bars = vec![Bar {
                 panel: Panel::Throughput,
                 label: name.to_owned(),
@@ -673,12 +962,11 @@ impl Bench {
                 baseline: rate.1,
             }];
             (report, bars)
-        };
-        Ok((vec![report], bars))
+        }
     }
 
     async fn memory(&self, n: usize) -> Res<(Vec<Report>, Vec<Bar>)> {
-        let sides = self.start(1, Bench::sink_queue).await?;
+        let sides = self.start(1, Bench::sink_queue, Extras::default()).await?;
         let result = self.memory_of(&sides, n).await;
         sides.close().await?;
         result
@@ -699,7 +987,7 @@ impl Bench {
             }
             let group = match side {
                 Side::Framework => &sides.framework.as_ref().expect("framework").0,
-                Side::Raw => &sides.raw.as_ref().expect("raw").0,
+                Side::Raw | Side::RawBatched => &sides.raw.as_ref().expect("raw").0,
             };
             let memory = group.memory()[0];
             idle[index] = memory.rss_kib as f64 / MIB;

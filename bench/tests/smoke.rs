@@ -1,6 +1,8 @@
 //! The bench must not rot: `cargo test --workspace` runs every scenario with `--smoke` (tiny N,
 //! one repetition, no targets) against the broker at `AMQP_URL`, bounded in time, and checks that
-//! it printed a `RESULT` line per scenario, wrote its chart and deleted its queues.
+//! it printed a `RESULT` line per scenario (and per baseline with fewer guarantees), wrote its
+//! chart and deleted its queues. The `peers` scenario is not part of `all` (it installs Celery
+//! and aio-pika and builds the Rust `celery` crate): it has no smoke test here.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -64,7 +66,17 @@ fn every_scenario_runs_in_smoke_mode_and_cleans_up() {
     );
 
     for scenario in [
-        "delay", "call-1", "call-64", "memory", "scale-1", "scale-2", "scale-4",
+        "delay",
+        "delay-batched-ack",
+        "call-1",
+        "call-1-plain",
+        "call-64",
+        "call-64-plain",
+        "call-64-one-task",
+        "memory",
+        "scale-1",
+        "scale-2",
+        "scale-4",
     ] {
         let prefix = format!("RESULT scenario={scenario} ");
         let line = output
@@ -103,6 +115,7 @@ fn every_scenario_runs_in_smoke_mode_and_cleans_up() {
                 format!("{namespace}.bench.sink"),
                 format!("{namespace}.bench.echo"),
                 format!("{namespace}.raw.sink"),
+                format!("{namespace}.raw.batched"),
                 format!("{namespace}.amqp-tasks.delay.100ms"),
             ] {
                 let channel = connection.create_channel().await.expect("channel");
