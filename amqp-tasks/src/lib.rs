@@ -127,6 +127,8 @@ mod fuzz;
 mod client;
 mod context;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handler;
 mod protocol;
 #[cfg(feature = "cli")]

@@ -106,14 +106,15 @@ impl Slot {
         }
     }
 
-    async fn resume(&self) {
-        {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.waiting -= 1;
-            if state.waiting > 0 || state.finished || state.permit.is_some() {
-                return;
-            }
-        }
+    /// One call of the task ends its wait; true when the slot must be taken back.
+    fn end_wait(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.waiting = state.waiting.saturating_sub(1);
+        state.waiting == 0 && !state.finished && state.permit.is_none()
+    }
+
+    /// Takes the slot back (once one is free), unless the task has finished or waits again.
+    async fn reacquire(&self) {
         let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
             return;
         };
@@ -121,6 +122,7 @@ impl Slot {
         if !state.finished && state.waiting == 0 && state.permit.is_none() {
             state.permit = Some(permit);
         }
+        // Otherwise the permit is dropped here: released.
     }
 
     /// The handler returned: its slot is free whatever clones of the context live on.
@@ -131,15 +133,59 @@ impl Slot {
     }
 }
 
+/// Takes a slot back in a task of its own: for a wait that ended without anyone to await it.
+fn reacquire_later(slot: Arc<Slot>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move { slot.reacquire().await });
+    }
+}
+
+/// A parent task's wait on a call. Ended by [`resume`](Suspended::resume), which waits until the
+/// slot is taken back; or by being dropped (a call future cancelled, say by a
+/// `tokio::time::timeout` around it), after which the slot is taken back as soon as one is free.
+/// Either way the slot lent is always taken again, or released once the task has finished.
 #[derive(Debug)]
 pub(crate) struct Suspended {
     slot: Option<Arc<Slot>>,
 }
 
 impl Suspended {
-    pub(crate) async fn resume(self) {
-        if let Some(slot) = &self.slot {
-            slot.resume().await;
+    pub(crate) async fn resume(mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        if slot.end_wait() {
+            // Should this future be dropped while it waits, the slot is still taken back.
+            let pending = Reacquiring(Some(slot.clone()));
+            slot.reacquire().await;
+            pending.done();
+        }
+    }
+}
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take()
+            && slot.end_wait()
+        {
+            reacquire_later(slot);
+        }
+    }
+}
+
+/// A reacquire in progress, handed to a task of its own if abandoned.
+struct Reacquiring(Option<Arc<Slot>>);
+
+impl Reacquiring {
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Reacquiring {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            reacquire_later(slot);
         }
     }
 }
@@ -152,16 +198,80 @@ mod tests {
     async fn a_waiting_task_lends_its_slot() {
         let semaphore = Arc::new(Semaphore::new(1));
         let permit = semaphore.clone().acquire_owned().await.unwrap();
-        let slot = Slot::new(semaphore.clone(), permit);
+        let slot = Arc::new(Slot::new(semaphore.clone(), permit));
+        let parent = |slot: &Arc<Slot>| Parent {
+            task_id: TaskId::from("t"),
+            root_id: TaskId::from("t"),
+            trace: TraceParent::new_root(),
+            deadline: None,
+            slot: Some(slot.clone()),
+        };
+        let parent = parent(&slot);
         assert_eq!(semaphore.available_permits(), 0);
-        slot.suspend();
-        slot.suspend();
+        let first = parent.suspend();
+        let second = parent.suspend();
         assert_eq!(semaphore.available_permits(), 1, "lent while waiting");
-        slot.resume().await;
+        first.resume().await;
         assert_eq!(semaphore.available_permits(), 1, "still one call in flight");
-        slot.resume().await;
+        second.resume().await;
         assert_eq!(semaphore.available_permits(), 0, "taken back");
         slot.finish();
         assert_eq!(semaphore.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_takes_the_slot_back_once_one_is_free() {
+        let semaphore = Arc::new(Semaphore::new(1));
+        let permit = semaphore.clone().acquire_owned().await.unwrap();
+        let slot = Arc::new(Slot::new(semaphore.clone(), permit));
+        let parent = Parent {
+            task_id: TaskId::from("t"),
+            root_id: TaskId::from("t"),
+            trace: TraceParent::new_root(),
+            deadline: None,
+            slot: Some(slot.clone()),
+        };
+        let waiting = parent.suspend();
+        // Someone else runs in the lent slot meanwhile.
+        let other = semaphore.clone().acquire_owned().await.unwrap();
+        drop(waiting); // the call's future is dropped: no `resume` will come
+        tokio::task::yield_now().await;
+        assert_eq!(semaphore.available_permits(), 0);
+        drop(other);
+        // Once it is free, the task that waited has its slot again.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while slot.state.lock().unwrap().permit.is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the slot is taken back");
+        assert_eq!(semaphore.available_permits(), 0);
+        slot.finish();
+        assert_eq!(
+            semaphore.available_permits(),
+            1,
+            "and released when the task ends"
+        );
+
+        // A resume abandoned while it waits for the slot hands the job over too.
+        let permit = semaphore.clone().acquire_owned().await.unwrap();
+        let slot = Arc::new(Slot::new(semaphore.clone(), permit));
+        let parent = Parent {
+            slot: Some(slot.clone()),
+            ..parent
+        };
+        let waiting = parent.suspend();
+        let other = semaphore.clone().acquire_owned().await.unwrap();
+        let abandoned = tokio::time::timeout(Duration::from_millis(20), waiting.resume()).await;
+        assert!(abandoned.is_err(), "no slot free: the resume was waiting");
+        drop(other);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while slot.state.lock().unwrap().permit.is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the slot is taken back");
     }
 }

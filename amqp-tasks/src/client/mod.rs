@@ -171,6 +171,15 @@ impl Client {
         self.inner.confirm_timeout
     }
 
+    /// How many `.call()`s are waiting for their reply on the current connection (a call that
+    /// gives up, or whose future is dropped, no longer counts).
+    pub fn pending_calls(&self) -> usize {
+        self.inner
+            .broker
+            .current()
+            .map_or(0, |session| session.pending_calls())
+    }
+
     /// Closes the connection; calls in flight fail with [`CallError::ConnectionLost`].
     pub async fn close(&self) {
         self.inner.broker.close().await;

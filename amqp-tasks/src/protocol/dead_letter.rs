@@ -168,15 +168,66 @@ impl std::fmt::Display for DeadLetter {
                 )
             })
             .unwrap_or_default();
+        // What a dead letter says came from the wire: shown with its control characters escaped,
+        // so that it cannot move the cursor or rewrite the terminal of whoever lists it.
         writeln!(
             f,
             "{} task `{}` attempt {}: {}{age}",
-            self.id, self.task, self.attempt, self.reason
+            escaped(&self.id),
+            escaped(&self.task),
+            self.attempt,
+            escaped(&self.reason)
         )?;
-        writeln!(f, "    error: {}", self.error)?;
+        writeln!(f, "    error: {}", escaped(&self.error))?;
         for earlier in &self.history {
-            writeln!(f, "    before: {earlier}")?;
+            writeln!(f, "    before: {}", escaped(earlier))?;
         }
-        write!(f, "    body: {}", self.body)
+        write!(f, "    body: {}", escaped(&self.body))
+    }
+}
+
+/// `text` with its control characters escaped (`\u{1b}`, `\n`, ...).
+fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_escape_control_characters() {
+        let letter = DeadLetter {
+            id: "id".into(),
+            task: "add\u{1b}[2J".into(),
+            reason: "bad_payload".into(),
+            error: "line\nbreak".into(),
+            dead_at: None,
+            attempt: 1,
+            history: vec!["\u{7}bell".into()],
+            body: "json {}".into(),
+        };
+        let shown = letter.to_string();
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{shown:?}"
+        );
+        assert!(
+            shown.contains("add\\u{1b}[2J") && shown.contains("line\\nbreak"),
+            "{shown}"
+        );
     }
 }

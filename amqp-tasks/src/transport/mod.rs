@@ -63,6 +63,14 @@ impl Broker {
         })
     }
 
+    /// The current session, alive or not.
+    pub(crate) fn current(&self) -> Option<Arc<Session>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn live_session(&self) -> Option<Arc<Session>> {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         current.as_ref().filter(|s| s.is_alive()).cloned()

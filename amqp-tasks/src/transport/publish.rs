@@ -101,7 +101,7 @@ impl Broker {
             let pending = session.register()?;
             let properties = properties
                 .with_reply_to(short(&session.reply_queue))
-                .with_correlation_id(short(&pending.correlation.to_string()));
+                .with_correlation_id(short(&pending.correlation_id));
             let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
             session
                 .publish_confirmed(&exchange, queue, body, properties)

@@ -20,7 +20,9 @@ pub(crate) struct Pending {
 
 /// A call waiting for its reply; dropping it (a cancelled call) forgets the correlation id.
 pub(crate) struct PendingReply {
-    pub(crate) correlation: u64,
+    correlation: u64,
+    /// What the request carries as its `correlation_id`: the session's secret and the number.
+    pub(crate) correlation_id: String,
     pub(crate) receiver: oneshot::Receiver<Reply>,
     session: Arc<Session>,
 }
@@ -45,6 +47,7 @@ impl Session {
         pending.waiting.insert(correlation, sender);
         Ok(PendingReply {
             correlation,
+            correlation_id: format!("{}-{correlation:x}", self.correlation_secret),
             receiver,
             session: self.clone(),
         })
@@ -55,7 +58,9 @@ impl Session {
             .properties
             .correlation_id()
             .as_ref()
-            .and_then(|id| id.as_str().parse::<u64>().ok());
+            .and_then(|id| id.as_str().strip_prefix(self.correlation_secret.as_str()))
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|number| u64::from_str_radix(number, 16).ok());
         let sender = correlation.and_then(|c| self.lock_pending().waiting.remove(&c));
         match sender {
             Some(sender) => {
@@ -101,5 +106,12 @@ pub(super) async fn route_replies(
             }
             _ = &mut ended => return,
         }
+    }
+}
+
+impl Session {
+    /// Calls waiting for a reply on this session (for tests of bounded memory).
+    pub(crate) fn pending_calls(&self) -> usize {
+        self.lock_pending().waiting.len()
     }
 }

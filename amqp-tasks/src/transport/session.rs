@@ -25,6 +25,9 @@ pub(crate) struct Session {
     /// Queues and exchanges known to exist (checked before a delayed publish).
     pub(super) known: Mutex<HashSet<String>>,
     pub(super) next_correlation: AtomicU64,
+    /// Prefixes this session's correlation ids: random, so that nobody who has not seen a request
+    /// can forge a reply to it.
+    pub(super) correlation_secret: String,
     pub(super) lost: watch::Sender<Option<String>>,
 }
 
@@ -78,6 +81,7 @@ impl Session {
             pending: Mutex::new(Pending::default()),
             known: Mutex::new(HashSet::new()),
             next_correlation: AtomicU64::new(1),
+            correlation_secret: uuid::Uuid::new_v4().simple().to_string(),
             lost,
             connection,
         });
@@ -92,6 +96,12 @@ impl Session {
             session.lost.subscribe(),
         ));
         Ok(session)
+    }
+
+    /// The negotiated `frame_max`: what one content-header frame (properties and headers) of
+    /// this connection can hold.
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.connection.configuration().frame_max()
     }
 
     pub(crate) fn is_alive(&self) -> bool {

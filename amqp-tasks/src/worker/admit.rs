@@ -8,10 +8,10 @@ use super::delivery::Disposition;
 use super::registry::Registration;
 use super::{QueueState, Shared};
 use crate::protocol::codec::Codec;
-use crate::protocol::headers::TaskHeaders;
+use crate::protocol::headers::{TaskHeaders, table_len};
 use crate::protocol::reply::ErrorKind;
 use crate::protocol::topology::{DELAY_RESOLUTION, QueueType};
-use crate::protocol::unix_ms;
+use crate::protocol::{MAX_DELAY, unix_ms};
 use lapin::message::Delivery;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -50,6 +50,22 @@ pub(crate) fn admit<'a>(
         .content_type()
         .as_ref()
         .and_then(|c| Codec::from_content_type(c.as_str()));
+    // Headers too large to be copied with the framework's own (a retry, a dead letter) within one
+    // frame: refused before anything else, and the dead letter keeps what fits.
+    let header_bytes = properties.headers().as_ref().map_or(0, table_len);
+    if header_bytes > queue.budget.receive {
+        return Admission::Dispose(refuse(
+            queue,
+            id,
+            task_name,
+            codec.unwrap_or(Codec::Json),
+            ErrorKind::TooLarge,
+            format!(
+                "the headers are {header_bytes} bytes; this worker accepts at most {}",
+                queue.budget.receive
+            ),
+        ));
+    }
     if let Some(disposition) = count_redelivery(shared, queue, delivery, &headers, codec, id) {
         return Admission::Dispose(disposition);
     }
@@ -71,6 +87,16 @@ pub(crate) fn admit<'a>(
             ),
         ));
     };
+    if let Some(header) = headers.malformed {
+        return Admission::Dispose(refuse(
+            queue,
+            id,
+            "",
+            codec,
+            ErrorKind::BadPayload,
+            format!("the `{header}` header must be a string"),
+        ));
+    }
     if delivery.data.len() > shared.settings.max_body {
         return Admission::Dispose(refuse(
             queue,
@@ -128,8 +154,10 @@ pub(crate) fn admit<'a>(
         }
     }
     let now_ms = unix_ms(SystemTime::now());
+    // A forged deadline far ahead is as good as none: clamped, never an overflow.
     let deadline = headers.deadline_ms.map(|deadline_ms| {
-        Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms)).min(MAX_DELAY);
+        Instant::now() + left
     });
     if headers
         .deadline_ms
@@ -179,7 +207,7 @@ fn count_redelivery<'a>(
         // Quorum queues count every return themselves.
         Some(count) => (count, true),
         None if delivery.redelivered && shared.settings.queue_type == QueueType::Classic => {
-            (headers.redeliveries + 1, false)
+            (headers.redeliveries.saturating_add(1), false)
         }
         None => return None,
     };

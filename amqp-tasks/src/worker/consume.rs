@@ -8,6 +8,7 @@ use super::registry::Registration;
 use super::settle::{self, Settle};
 use super::{QueueState, Shared};
 use crate::error::{BrokerError, Error};
+use crate::protocol::headers::HeaderBudget;
 use crate::transport::next;
 use crate::transport::session::Session;
 use crate::transport::topology::{declare_delays, declare_task_queue};
@@ -84,6 +85,7 @@ pub(crate) async fn open_consumers(
                 tasks: tasks.clone(),
                 channel,
                 acks,
+                budget: HeaderBudget::for_frame_max(session.frame_max()),
             }),
             consumer,
             acker,

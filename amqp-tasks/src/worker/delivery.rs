@@ -18,11 +18,11 @@ use super::{InFlightGuard, QueueState, Shared};
 use crate::client::caller::Slot;
 use crate::context::{Context, ContextParts};
 use crate::protocol::codec::Codec;
-use crate::protocol::headers::TaskHeaders;
+use crate::protocol::headers::{TaskHeaders, push_error};
 use crate::protocol::reply::{ErrorKind, ErrorReply};
 use crate::protocol::retry::RetryPolicy;
 use crate::protocol::trace::TraceParent;
-use crate::protocol::{TYPE_ERROR, TYPE_RESULT, unix_ms};
+use crate::protocol::{MAX_DELAY, TYPE_ERROR, TYPE_RESULT, later, unix_ms};
 use crate::task::TaskId;
 use lapin::message::Delivery;
 use std::sync::Arc;
@@ -206,12 +206,12 @@ fn next_attempt<'a>(
         return None;
     }
     let delay = RetryPolicy::task(task.backoff()).delay(attempt);
-    let eta = unix_ms(SystemTime::now() + delay);
+    let eta = unix_ms(later(SystemTime::now(), delay, MAX_DELAY));
     if headers.deadline_ms.is_some_and(|deadline| eta >= deadline) {
         return None;
     }
-    headers.errors.push(format!("attempt {attempt}: {error}"));
-    headers.attempt = attempt + 1;
+    push_error(&mut headers.errors, &format!("attempt {attempt}: {error}"));
+    headers.attempt = attempt.saturating_add(1);
     headers.eta_ms = Some(eta);
     Some(Disposition::Forward {
         headers,

@@ -9,11 +9,11 @@ use super::{QueueState, Shared};
 use crate::error::CallError;
 use crate::protocol::codec::Codec;
 use crate::protocol::dead_letter::dead_letter_properties;
-use crate::protocol::headers::TaskHeaders;
+use crate::protocol::headers::{DEAD_ERROR_MAX, TaskHeaders, fit, truncate};
 use crate::protocol::properties::copy_properties;
 use crate::protocol::reply::ErrorKind;
 use crate::protocol::topology::dead_letter_queue;
-use crate::protocol::{short, unix_ms};
+use crate::protocol::{expiration, unix_ms};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
@@ -94,10 +94,12 @@ async fn forward(
 ) -> Settle {
     let original = &delivery.properties;
     let table = headers.write_into(original.headers().clone().unwrap_or_default());
+    // Room for the delay bucket header the route may add.
+    let table = fit(table, queue.budget.write.saturating_sub(64));
     let mut properties = copy_properties(original).with_headers(table);
     if let Some(deadline) = headers.deadline_ms {
-        let left = deadline.saturating_sub(unix_ms(SystemTime::now())).max(1);
-        properties = properties.with_expiration(short(&left.to_string()));
+        let left = deadline.saturating_sub(unix_ms(SystemTime::now()));
+        properties = properties.with_expiration(expiration(left));
     }
     if let Some(mode) = original.delivery_mode() {
         properties = properties.with_delivery_mode(*mode);
@@ -143,7 +145,15 @@ async fn dead_letter_it(
     kind: ErrorKind,
     message: &str,
 ) -> Result<(), CallError> {
-    let properties = dead_letter_properties(&delivery.properties, kind, message, &queue.name);
+    let message = truncate(message, DEAD_ERROR_MAX);
+    let properties = dead_letter_properties(&delivery.properties, kind, &message, &queue.name);
+    let properties = match properties.headers() {
+        Some(table) => {
+            let table = fit(table.clone(), queue.budget.write);
+            properties.with_headers(table)
+        }
+        None => properties,
+    };
     let dlq = dead_letter_queue(&queue.name);
     let client = &shared.client;
     let deadline = Instant::now() + client.confirm_timeout();

@@ -45,56 +45,97 @@ impl Outcome {
 }
 
 /// Decodes the arguments from the borrowed body (no copy of it), then returns the run.
+///
+/// Every piece of the user's code is run with its panics caught: the handler, but also the
+/// arguments' `Deserialize`, the result's and the error's `Serialize`, the error's `Display`, its
+/// `Retryable`, and the `Drop`s that run when a time limit cancels the handler. A panic is a
+/// failure of the task (answered, dead-lettered), never of the worker.
 pub(crate) fn run<T: Handler>(
     ctx: Context,
     codec: Codec,
     body: &[u8],
 ) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
-    let args = match decode_args::<T>(codec, body) {
-        Ok(args) => args,
-        Err(error) => {
+    let args = match catch_unwind(AssertUnwindSafe(|| decode_args::<T>(codec, body))) {
+        Ok(Ok(args)) => args,
+        Ok(Err(error)) => {
             let failure = Outcome::failure(ErrorKind::BadPayload, error.to_string());
+            return Box::pin(std::future::ready(failure));
+        }
+        Err(panic) => {
+            let failure = panicked("decoding the arguments", &*panic);
             return Box::pin(std::future::ready(failure));
         }
     };
     Box::pin(async move {
-        match tokio::time::timeout(T::TIMEOUT, CatchUnwind::new(T::run(ctx, args))).await {
-            Err(_) => Outcome::failure(
-                ErrorKind::TimeLimit,
-                format!("cancelled after its time limit of {}", human(T::TIMEOUT)),
-            ),
+        let mut handler = Box::pin(CatchUnwind::new(T::run(ctx, args)));
+        let finished = tokio::time::timeout(T::TIMEOUT, &mut handler).await;
+        // Dropped here, within reach of `catch_unwind`: cancelling a handler runs its `Drop`s.
+        let dropped = catch_unwind(AssertUnwindSafe(move || drop(handler)));
+        match finished {
+            Err(_) => {
+                let mut message =
+                    format!("cancelled after its time limit of {}", human(T::TIMEOUT));
+                if let Err(panic) = dropped {
+                    message.push_str(&format!(
+                        "; dropping it panicked: {}",
+                        panic_message(&*panic)
+                    ));
+                }
+                Outcome::failure(ErrorKind::TimeLimit, message)
+            }
             Ok(Err(panic)) => Outcome::Failure {
                 kind: ErrorKind::Panicked,
                 message: panic_message(&*panic),
                 retryable: T::RETRY_ON_PANIC,
             },
-            Ok(Ok(Ok(value))) => match codec.encode(&value) {
-                Ok(body) => Outcome::Value(body),
-                Err(error) => Outcome::failure(
+            Ok(Ok(_)) if dropped.is_err() => {
+                let panic = dropped.err().unwrap_or_else(|| Box::new(()));
+                panicked("dropping the finished handler", &*panic)
+            }
+            Ok(Ok(Ok(value))) => match catch_unwind(AssertUnwindSafe(|| codec.encode(&value))) {
+                Ok(Ok(body)) => Outcome::Value(body),
+                Ok(Err(error)) => Outcome::failure(
                     ErrorKind::BadResult,
                     format!("the result could not be encoded: {error}"),
                 ),
+                Err(panic) => panicked("encoding the result", &*panic),
             },
-            Ok(Ok(Err(error))) => {
-                let message = T::error_message(&error);
-                let retryable = T::should_retry(&error);
-                let type_name = normalize(std::any::type_name::<T::Error>());
-                let reply =
-                    ErrorReply::new(ErrorKind::Task, &type_name, message.clone(), Some(error));
-                match codec.encode(&reply) {
-                    Ok(body) => Outcome::TaskError {
-                        body,
-                        message,
-                        retryable,
-                    },
-                    Err(error) => Outcome::failure(
-                        ErrorKind::BadResult,
-                        format!("the task's error could not be encoded: {error}"),
-                    ),
-                }
-            }
+            Ok(Ok(Err(error))) => task_error::<T>(codec, error),
         }
     })
+}
+
+/// The task's own error as an outcome: its message, whether to retry it, its reply body.
+fn task_error<T: Handler>(codec: Codec, error: T::Error) -> Outcome {
+    let described = catch_unwind(AssertUnwindSafe(|| {
+        (T::error_message(&error), T::should_retry(&error))
+    }));
+    let (message, retryable) = match described {
+        Ok(described) => described,
+        Err(panic) => return panicked("describing the task's error", &*panic),
+    };
+    let type_name = normalize(std::any::type_name::<T::Error>());
+    let reply = ErrorReply::new(ErrorKind::Task, &type_name, message.clone(), Some(error));
+    match catch_unwind(AssertUnwindSafe(|| codec.encode(&reply))) {
+        Ok(Ok(body)) => Outcome::TaskError {
+            body,
+            message,
+            retryable,
+        },
+        Ok(Err(error)) => Outcome::failure(
+            ErrorKind::BadResult,
+            format!("the task's error could not be encoded: {error}"),
+        ),
+        Err(panic) => panicked("encoding the task's error", &*panic),
+    }
+}
+
+/// A panic of the user's code outside the handler itself: not worth a retry.
+fn panicked(doing: &str, panic: &(dyn Any + Send)) -> Outcome {
+    Outcome::failure(
+        ErrorKind::Panicked,
+        format!("{doing} panicked: {}", panic_message(panic)),
+    )
 }
 
 pin_project_lite::pin_project! {

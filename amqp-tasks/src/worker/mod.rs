@@ -32,6 +32,7 @@ pub use cli::main;
 
 use crate::client::Client;
 use crate::error::{BrokerError, Error};
+use crate::protocol::headers::HeaderBudget;
 use crate::protocol::retry::RetryPolicy;
 use crate::protocol::topology::{self, QueueType};
 use crate::transport::topology::{declare_delays, declare_task_queue};
@@ -336,6 +337,8 @@ pub(crate) struct QueueState {
     pub(crate) tasks: Vec<&'static Registration>,
     pub(crate) channel: Channel,
     pub(crate) acks: AckSender,
+    /// What the session's frames can carry in headers.
+    pub(crate) budget: HeaderBudget,
 }
 
 /// Handlers running (and settling) now.

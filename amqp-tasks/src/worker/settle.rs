@@ -8,7 +8,7 @@
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -81,14 +81,18 @@ pub(crate) enum Ack {
 }
 
 /// The pure bookkeeping of the acker. Delivery tags of a channel start at 1 and increase by 1.
+///
+/// Its memory is bounded by the gaps, not by the traffic: deliveries settled on their own are
+/// kept as ranges, so one task blocked for a minute while thousands of others are acked around
+/// it costs one range, not one entry each.
 #[derive(Debug, Default)]
 pub(crate) struct AckWindow {
     /// Every tag up to this one is settled.
     settled_through: u64,
-    /// Finished, not acked yet.
+    /// Finished, not acked yet (emptied by every `take_acks`).
     finished: BTreeSet<u64>,
     /// Settled on their own (acked alone or requeued), above `settled_through`.
-    alone: BTreeSet<u64>,
+    alone: Ranges,
 }
 
 impl AckWindow {
@@ -114,10 +118,12 @@ impl AckWindow {
             let next = self.settled_through + 1;
             if self.finished.remove(&next) {
                 through = Some(next);
-            } else if !self.alone.remove(&next) {
+                self.settled_through = next;
+            } else if let Some(end) = self.alone.take_from(next) {
+                self.settled_through = end;
+            } else {
                 break;
             }
-            self.settled_through = next;
         }
         acks.extend(through.map(Ack::Through));
         for tag in std::mem::take(&mut self.finished) {
@@ -126,11 +132,93 @@ impl AckWindow {
         }
         acks
     }
+
+    /// How many ranges of tags settled alone it keeps (for tests of its memory).
+    #[cfg(test)]
+    fn ranges(&self) -> usize {
+        self.alone.0.len()
+    }
+}
+
+/// A set of tags as disjoint, non-adjacent ranges: start → end, inclusive.
+#[derive(Debug, Default)]
+struct Ranges(BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn insert(&mut self, tag: u64) {
+        let below = self.0.range(..=tag).next_back().map(|(s, e)| (*s, *e));
+        let above = self.0.get(&(tag + 1)).copied().map(|end| (tag + 1, end));
+        match (below, above) {
+            (Some((_, end)), _) if end >= tag => {}
+            (Some((start, end)), Some((next, next_end))) if end + 1 == tag => {
+                self.0.remove(&next);
+                self.0.insert(start, next_end);
+            }
+            (Some((start, end)), None) if end + 1 == tag => {
+                self.0.insert(start, tag);
+            }
+            (_, Some((next, next_end))) => {
+                self.0.remove(&next);
+                self.0.insert(tag, next_end);
+            }
+            _ => {
+                self.0.insert(tag, tag);
+            }
+        }
+    }
+
+    /// Removes the range that starts at `tag`, returning its end.
+    fn take_from(&mut self, tag: u64) -> Option<u64> {
+        match self.0.first_key_value() {
+            Some((&start, &end)) if start == tag => {
+                self.0.remove(&start);
+                Some(end)
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocked_task_costs_one_range_however_many_pass_it() {
+        let mut window = AckWindow::default();
+        // Tag 1 blocks; 100,000 others finish and are acked alone around it.
+        for tag in 2..=100_001 {
+            window.finished(tag);
+            let acks = window.take_acks();
+            assert_eq!(acks, vec![Ack::One(tag)]);
+        }
+        assert_eq!(window.ranges(), 1);
+        window.finished(1);
+        assert_eq!(window.take_acks(), vec![Ack::Through(1)]);
+        assert_eq!(window.ranges(), 0, "all settled: nothing kept");
+        window.finished(100_002);
+        assert_eq!(window.take_acks(), vec![Ack::Through(100_002)]);
+    }
+
+    #[test]
+    fn ranges_merge_and_split_correctly() {
+        let mut ranges = Ranges::default();
+        for tag in [5, 7, 6, 10, 9, 1] {
+            ranges.insert(tag);
+        }
+        assert_eq!(
+            ranges.0.iter().map(|(s, e)| (*s, *e)).collect::<Vec<_>>(),
+            [(1, 1), (5, 7), (9, 10)]
+        );
+        ranges.insert(8);
+        assert_eq!(
+            ranges.0.iter().map(|(s, e)| (*s, *e)).collect::<Vec<_>>(),
+            [(1, 1), (5, 10)]
+        );
+        assert_eq!(ranges.take_from(1), Some(1));
+        assert_eq!(ranges.take_from(2), None);
+        assert_eq!(ranges.take_from(5), Some(10));
+    }
 
     #[test]
     fn contiguous_run_is_one_multiple_ack() {
