@@ -92,7 +92,11 @@ impl TestEnv {
             .iter()
             .flat_map(|t| {
                 let queue = format!("{namespace}.{}", t.queue());
-                [format!("{queue}.dlq"), queue]
+                [
+                    format!("{queue}.dlq"),
+                    format!("{queue}.redelivered"),
+                    queue,
+                ]
             })
             .chain(
                 amqp_tasks::topology::DELAY_BUCKETS_MS
@@ -114,11 +118,12 @@ impl TestEnv {
         format!("{}.{queue}", self.namespace)
     }
 
-    /// Deletes this queue (and its `.dlq`) with the namespace.
+    /// Deletes this queue (and its `.dlq` and redelivered lane) with the namespace.
     pub fn track(&self, queue: &str) {
         let mut queues = self.queues.lock().unwrap();
         queues.push(self.queue(queue));
         queues.push(format!("{}.dlq", self.queue(queue)));
+        queues.push(format!("{}.redelivered", self.queue(queue)));
     }
 
     pub fn path(&self, name: &str) -> String {

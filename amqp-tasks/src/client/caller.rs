@@ -8,7 +8,9 @@ use crate::protocol::trace::TraceParent;
 use crate::task::TaskId;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{
+    OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock, Semaphore,
+};
 use tokio::time::Instant;
 
 pub(crate) mod sealed {
@@ -72,26 +74,66 @@ impl Parent {
     }
 }
 
-/// A running task's share of the worker's concurrency.
+/// A running task's share of the worker's concurrency: its permit of the worker's semaphore and
+/// its hold on the worker's gate (shared for ordinary tasks, exclusive for one that must run
+/// alone). Both are lent back while the task waits on a call, and taken again after.
 #[derive(Debug)]
 pub(crate) struct Slot {
     semaphore: Arc<Semaphore>,
+    gate: Option<Gate>,
     state: Mutex<SlotState>,
+}
+
+/// A lock that every running task holds, shared or (a task that must run alone) exclusive.
+#[derive(Debug, Clone)]
+pub(crate) struct Gate {
+    lock: Arc<RwLock<()>>,
+    exclusive: bool,
+}
+
+/// A hold on a [`Gate`], released when dropped.
+#[derive(Debug)]
+#[allow(dead_code)] // held for its `Drop`
+pub(crate) enum GateGuard {
+    Shared(OwnedRwLockReadGuard<()>),
+    Exclusive(OwnedRwLockWriteGuard<()>),
+}
+
+impl Gate {
+    pub(crate) fn new(lock: Arc<RwLock<()>>, exclusive: bool) -> Gate {
+        Gate { lock, exclusive }
+    }
+
+    pub(crate) async fn enter(&self) -> GateGuard {
+        if self.exclusive {
+            GateGuard::Exclusive(self.lock.clone().write_owned().await)
+        } else {
+            GateGuard::Shared(self.lock.clone().read_owned().await)
+        }
+    }
 }
 
 #[derive(Debug)]
 struct SlotState {
     permit: Option<OwnedSemaphorePermit>,
+    guard: Option<GateGuard>,
     waiting: usize,
     finished: bool,
 }
 
 impl Slot {
-    pub(crate) fn new(semaphore: Arc<Semaphore>, permit: OwnedSemaphorePermit) -> Slot {
+    pub(crate) fn new(
+        semaphore: Arc<Semaphore>,
+        permit: OwnedSemaphorePermit,
+        gate: Option<(Gate, GateGuard)>,
+    ) -> Slot {
+        let (gate, guard) = gate.unzip();
         Slot {
             semaphore,
+            gate,
             state: Mutex::new(SlotState {
                 permit: Some(permit),
+                guard,
                 waiting: 0,
                 finished: false,
             }),
@@ -103,6 +145,7 @@ impl Slot {
         state.waiting += 1;
         if state.waiting == 1 {
             state.permit = None;
+            state.guard = None;
         }
     }
 
@@ -118,11 +161,16 @@ impl Slot {
         let Ok(permit) = self.semaphore.clone().acquire_owned().await else {
             return;
         };
+        let guard = match &self.gate {
+            Some(gate) => Some(gate.enter().await),
+            None => None,
+        };
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !state.finished && state.waiting == 0 && state.permit.is_none() {
             state.permit = Some(permit);
+            state.guard = guard;
         }
-        // Otherwise the permit is dropped here: released.
+        // Otherwise the permit and the guard are dropped here: released.
     }
 
     /// The handler returned: its slot is free whatever clones of the context live on.
@@ -130,6 +178,7 @@ impl Slot {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.finished = true;
         state.permit = None;
+        state.guard = None;
     }
 }
 
@@ -198,7 +247,7 @@ mod tests {
     async fn a_waiting_task_lends_its_slot() {
         let semaphore = Arc::new(Semaphore::new(1));
         let permit = semaphore.clone().acquire_owned().await.unwrap();
-        let slot = Arc::new(Slot::new(semaphore.clone(), permit));
+        let slot = Arc::new(Slot::new(semaphore.clone(), permit, None));
         let parent = |slot: &Arc<Slot>| Parent {
             task_id: TaskId::from("t"),
             root_id: TaskId::from("t"),
@@ -223,7 +272,7 @@ mod tests {
     async fn a_cancelled_wait_takes_the_slot_back_once_one_is_free() {
         let semaphore = Arc::new(Semaphore::new(1));
         let permit = semaphore.clone().acquire_owned().await.unwrap();
-        let slot = Arc::new(Slot::new(semaphore.clone(), permit));
+        let slot = Arc::new(Slot::new(semaphore.clone(), permit, None));
         let parent = Parent {
             task_id: TaskId::from("t"),
             root_id: TaskId::from("t"),
@@ -256,7 +305,7 @@ mod tests {
 
         // A resume abandoned while it waits for the slot hands the job over too.
         let permit = semaphore.clone().acquire_owned().await.unwrap();
-        let slot = Arc::new(Slot::new(semaphore.clone(), permit));
+        let slot = Arc::new(Slot::new(semaphore.clone(), permit, None));
         let parent = Parent {
             slot: Some(slot.clone()),
             ..parent

@@ -29,8 +29,11 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// The errors of earlier attempts.
     pub const ERRORS: &str = "errors";
-    /// How often the broker redelivered the message, as counted by workers.
+    /// How often the message came back from running alone in a worker that died (counted by
+    /// workers, in the redelivered lane).
     pub const REDELIVERIES: &str = "redeliveries";
+    /// How often workers that do not serve the task passed it on to one that does.
+    pub const PASSED_ON: &str = "passed_on";
     /// Set by quorum queues: how often the message was delivered before.
     pub const DELIVERY_COUNT: &str = "x-delivery-count";
     /// Dead letters: why ([`ErrorKind`](crate::wire::ErrorKind)).
@@ -59,7 +62,9 @@ pub(crate) struct TaskHeaders<'a> {
     pub(crate) traceparent: Option<Cow<'a, str>>,
     pub(crate) errors: Vec<String>,
     pub(crate) redeliveries: u32,
-    /// `x-delivery-count`, set by quorum queues (read only).
+    pub(crate) passed_on: u32,
+    /// `x-delivery-count`, set by quorum queues: read, never trusted (it counts graceful returns
+    /// too), and left out of every copy.
     pub(crate) delivery_count: Option<u32>,
     /// A protocol header present with a value of the wrong type (bad input, not absent).
     pub(crate) malformed: Option<&'static str>,
@@ -91,6 +96,8 @@ impl<'a> TaskHeaders<'a> {
             header::ETA,
             header::ERRORS,
             header::REDELIVERIES,
+            header::PASSED_ON,
+            header::DELIVERY_COUNT,
             super::topology::DELAY_BUCKET_HEADER,
         ] {
             map.remove(key);
@@ -138,11 +145,13 @@ impl<'a> TaskHeaders<'a> {
                 .collect();
             table.insert(header::ERRORS.into(), AMQPValue::FieldArray(errors.into()));
         }
-        if self.redeliveries > 0 {
-            table.insert(
-                header::REDELIVERIES.into(),
-                AMQPValue::LongUInt(self.redeliveries),
-            );
+        for (key, count) in [
+            (header::REDELIVERIES, self.redeliveries),
+            (header::PASSED_ON, self.passed_on),
+        ] {
+            if count > 0 {
+                table.insert(key.into(), AMQPValue::LongUInt(count));
+            }
         }
     }
 
@@ -179,6 +188,7 @@ impl<'a> TaskHeaders<'a> {
                     }
                 }
                 header::REDELIVERIES => headers.redeliveries = count().unwrap_or(0),
+                header::PASSED_ON => headers.passed_on = count().unwrap_or(0),
                 header::DELIVERY_COUNT => headers.delivery_count = count(),
                 _ => {}
             }
@@ -324,6 +334,7 @@ fn is_protocol_header(key: &str) -> bool {
             | header::TRACEPARENT
             | header::ERRORS
             | header::REDELIVERIES
+            | header::PASSED_ON
             | header::DEAD_REASON
             | header::DEAD_ERROR
             | header::DEAD_QUEUE
@@ -482,6 +493,7 @@ mod tests {
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             errors: vec!["attempt 1: boom".into()],
             redeliveries: 2,
+            passed_on: 3,
             delivery_count: None,
             malformed: None,
         };

@@ -5,6 +5,11 @@
 //! - A task queue is named after the task (or its `queue = "..."` group), prefixed with
 //!   `<namespace>.` when a namespace is configured; durable; its only argument is `x-queue-type`.
 //! - Its dead letters go to `<queue>.dlq`, durable, same type.
+//! - Its redelivered lane is `<queue>.redelivered`, durable, same type (see
+//!   [`redelivered_queue`]).
+//! - Each worker also consumes one presence queue per task it serves,
+//!   `<namespace>.amqp-tasks.serves.<task>`: classic, not durable, auto-delete, empty (see
+//!   [`presence_queue`]).
 //! - Only workers (and the provisioning command) declare them; clients never do.
 //!
 //! # Delays
@@ -130,6 +135,21 @@ pub fn queue_name(namespace: Option<&str>, queue: &str) -> String {
     }
 }
 
+/// The redelivered lane of a task queue, `<queue>.redelivered`: messages the broker redelivered
+/// (their worker died or lost its connection while holding them) wait here, and are run one at a
+/// time, each alone in its worker, so that a message that kills its worker is told apart from the
+/// ones that happened to be prefetched with it. Durable, same type as its task queue.
+pub fn redelivered_queue(queue: &str) -> String {
+    format!("{queue}.redelivered")
+}
+
+/// The presence queue of a task, `<namespace>.amqp-tasks.serves.<task>`: every live worker that
+/// serves the task consumes it (auto-delete, never holding a message), so that a worker given a
+/// task it does not serve can tell whether another one does.
+pub fn presence_queue(namespace: Option<&str>, task: &str) -> String {
+    queue_name(namespace, &format!("amqp-tasks.serves.{task}"))
+}
+
 /// The dead-letter queue of a task queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
@@ -177,6 +197,11 @@ mod tests {
     #[test]
     fn names_follow_the_namespace() {
         assert_eq!(queue_name(Some("staging"), "add"), "staging.add");
+        assert_eq!(redelivered_queue("staging.add"), "staging.add.redelivered");
+        assert_eq!(
+            presence_queue(Some("staging"), "math.div"),
+            "staging.amqp-tasks.serves.math.div"
+        );
         assert_eq!(dead_letter_queue("staging.add"), "staging.add.dlq");
         assert_eq!(delay_exchange(None), "amqp-tasks.delay");
         assert_eq!(delay_queue(Some("t"), 800), "t.amqp-tasks.delay.800ms");

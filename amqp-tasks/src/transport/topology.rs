@@ -4,7 +4,7 @@
 
 use crate::protocol::topology::{
     DELAY_BUCKETS_MS, QueueType, dead_letter_queue, delay_binding, delay_exchange, delay_queue,
-    delay_queue_arguments, task_queue_arguments,
+    delay_queue_arguments, redelivered_queue, task_queue_arguments,
 };
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -49,13 +49,17 @@ pub(crate) async fn declare_delays(
     Ok(())
 }
 
-/// Declares a task queue and its dead-letter queue.
+/// Declares a task queue, its dead-letter queue and its redelivered lane.
 pub(crate) async fn declare_task_queue(
     channel: &Channel,
     queue: &str,
     queue_type: QueueType,
 ) -> Result<(), lapin::Error> {
-    for name in [queue.to_owned(), dead_letter_queue(queue)] {
+    for name in [
+        queue.to_owned(),
+        dead_letter_queue(queue),
+        redelivered_queue(queue),
+    ] {
         channel
             .queue_declare(
                 name.as_str().into(),
@@ -65,4 +69,19 @@ pub(crate) async fn declare_task_queue(
             .await?;
     }
     Ok(())
+}
+
+/// Declares a presence queue: classic, not durable, auto-delete (gone with its last consumer).
+pub(crate) async fn declare_presence(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            task_queue_arguments(QueueType::Classic),
+        )
+        .await
+        .map(drop)
 }

@@ -1,16 +1,26 @@
 //! Admit: the first stage of a delivery, every check made before a handler may run. A message
-//! redelivered too often, in an unknown codec, too large, for a task not served here, from a stub
-//! with another signature, past its deadline or not due yet is turned into a [`Disposition`]
-//! (answered and dead-lettered, answered only, or sent on) without running anything; the rest is
-//! [`Admitted`], with the task and what its [`Context`](crate::Context) needs.
+//! with headers too large to copy, redelivered (sent to the redelivered lane, counted there, and
+//! dead-lettered past the limit), in an unknown codec, too large, for a task not served here
+//! (passed on if another worker serves it), from a stub with another signature, past its deadline
+//! or not due yet is turned into a [`Disposition`] (answered and dead-lettered, answered only, or
+//! sent on) without running anything; the rest is [`Admitted`], with the task and what its
+//! [`Context`](crate::Context) needs.
+//!
+//! Poison messages: a message that kills its worker comes back redelivered, and so do the ones
+//! that were merely prefetched with it. A redelivered message is never run in the task queue:
+//! it is moved to the queue's redelivered lane, whose consumer takes one message at a time and
+//! runs it alone (no other task of the worker runs meanwhile). Only a message that comes back
+//! redelivered from that lane was running alone when its worker went away: only it is counted
+//! (`redeliveries`), and dead-lettered once the count reaches `--max-redeliveries`. A graceful
+//! stop gives unfinished deliveries back uncounted.
 
-use super::delivery::Disposition;
+use super::delivery::{Disposition, Target};
 use super::registry::Registration;
-use super::{QueueState, Shared};
+use super::{Lane, QueueState, Shared};
 use crate::protocol::codec::Codec;
 use crate::protocol::headers::{TaskHeaders, table_len};
 use crate::protocol::reply::ErrorKind;
-use crate::protocol::topology::{DELAY_RESOLUTION, QueueType};
+use crate::protocol::topology::DELAY_RESOLUTION;
 use crate::protocol::{MAX_DELAY, unix_ms};
 use lapin::message::Delivery;
 use std::time::{Duration, SystemTime};
@@ -32,7 +42,12 @@ pub(crate) enum Admission<'a> {
     Dispose(Disposition<'a>),
 }
 
-pub(crate) fn admit<'a>(
+/// How often workers that do not serve a task may pass it on before it is dead-lettered.
+const MAX_PASSED_ON: u32 = 20;
+/// How long a message passed on waits (in the delay queues) before a worker sees it again.
+const PASS_ON_DELAY_MS: u64 = 200;
+
+pub(crate) async fn admit<'a>(
     shared: &Shared,
     queue: &QueueState,
     delivery: &'a Delivery,
@@ -66,8 +81,8 @@ pub(crate) fn admit<'a>(
             ),
         ));
     }
-    if let Some(disposition) = count_redelivery(shared, queue, delivery, &headers, codec, id) {
-        return Admission::Dispose(disposition);
+    if delivery.redelivered {
+        return Admission::Dispose(redelivered(shared, queue, headers, codec, id));
     }
     let Some(codec) = codec else {
         let content_type = properties
@@ -112,16 +127,36 @@ pub(crate) fn admit<'a>(
         ));
     }
     let Some(task) = find_task(queue, headers.task.as_deref()) else {
+        // Another worker of this queue may serve it (a worker serving part of a shared queue, a
+        // rolling deploy): then it is passed on, a bounded number of times.
+        if let Some(name) = headers.task.as_deref()
+            && headers.passed_on < MAX_PASSED_ON
+            && shared.presence.served(&shared.client, name).await
+        {
+            let mut passed = headers.clone();
+            passed.passed_on = headers.passed_on + 1;
+            passed.eta_ms = Some(unix_ms(SystemTime::now()) + PASS_ON_DELAY_MS);
+            tracing::debug!(queue = %queue.name, task = name, id, "not served here but by another worker: passed on");
+            return Admission::Dispose(Disposition::Forward {
+                headers: passed,
+                why: "served by another worker",
+                target: Target::Main,
+            });
+        }
         let served: Vec<&str> = queue.tasks.iter().map(|t| t.name()).collect();
+        let passed = match headers.passed_on {
+            0 => String::new(),
+            n => format!("; passed on {n} times by workers that do not serve it"),
+        };
         let message = match &headers.task {
             Some(name) => format!(
-                "no task `{name}` is served on queue `{}` (it serves: {})",
-                queue.name,
+                "no task `{name}` is served on queue `{}` (it serves: {}){passed}",
+                queue.main,
                 served.join(", ")
             ),
             None => format!(
                 "no `task` header, and queue `{}` serves several tasks: {}",
-                queue.name,
+                queue.main,
                 served.join(", ")
             ),
         };
@@ -181,6 +216,7 @@ pub(crate) fn admit<'a>(
         return Admission::Dispose(Disposition::Forward {
             headers,
             why: "not due yet",
+            target: Target::Same,
         });
     }
     Admission::Run(Admitted {
@@ -192,53 +228,57 @@ pub(crate) fn admit<'a>(
     })
 }
 
-/// A message redelivered by the broker may be one that kills its worker: count it, and past
-/// the limit dead-letter it instead of running it again.
-fn count_redelivery<'a>(
+/// A message the broker redelivered. From the task queue: moved to the redelivered lane,
+/// uncounted (it may merely have been prefetched by a worker that died). From the lane: it was the
+/// one running alone when its worker went away, so it is counted, and dead-lettered once the count
+/// reaches the limit.
+fn redelivered<'a>(
     shared: &Shared,
     queue: &QueueState,
-    delivery: &Delivery,
-    headers: &TaskHeaders<'a>,
+    mut headers: TaskHeaders<'a>,
     codec: Option<Codec>,
     id: &str,
-) -> Option<Disposition<'a>> {
-    let limit = shared.settings.max_redeliveries;
-    let (count, counted_by_broker) = match headers.delivery_count {
-        // Quorum queues count every return themselves.
-        Some(count) => (count, true),
-        None if delivery.redelivered && shared.settings.queue_type == QueueType::Classic => {
-            (headers.redeliveries.saturating_add(1), false)
-        }
-        None => return None,
-    };
-    if count > limit {
-        let message = format!(
-            "redelivered {count} times (limit {limit}): it probably kills the worker running it"
-        );
-        let task = headers.task.as_deref().unwrap_or("");
-        return Some(refuse(
-            queue,
-            id,
-            task,
-            codec.unwrap_or(Codec::Json),
-            ErrorKind::TooManyRedeliveries,
-            message,
-        ));
-    }
-    if counted_by_broker {
-        return None;
-    }
-    tracing::info!(queue = %queue.name, id, count, "redelivered message: counting it before running it");
-    let mut counted = headers.clone();
-    counted.redeliveries = count;
+) -> Disposition<'a> {
     // The copy waits in the shortest delay queue: by the time it can run (and perhaps kill this
-    // process), the original's ack has reached the broker, so the count is not lost.
+    // process), the original's ack has reached the broker, so no second copy comes back.
     let soon = unix_ms(SystemTime::now()) + DELAY_RESOLUTION.as_millis() as u64;
-    counted.eta_ms = Some(counted.eta_ms.map_or(soon, |eta| eta.max(soon)));
-    Some(Disposition::Forward {
-        headers: counted,
-        why: "counting a redelivery",
-    })
+    headers.eta_ms = Some(headers.eta_ms.map_or(soon, |eta| eta.max(soon)));
+    match queue.lane {
+        Lane::Main => {
+            tracing::info!(queue = %queue.name, id, "redelivered: moved to the redelivered lane, to run alone");
+            Disposition::Forward {
+                headers,
+                why: "redelivered: to run alone",
+                target: Target::Redelivered,
+            }
+        }
+        Lane::Redelivered => {
+            let limit = shared.settings.max_redeliveries;
+            let count = headers.redeliveries.saturating_add(1);
+            if count >= limit {
+                let message = format!(
+                    "its worker went away while it ran alone {count} times (limit {limit}): it \
+                     probably kills the worker running it"
+                );
+                let task = headers.task.as_deref().unwrap_or("");
+                return refuse(
+                    queue,
+                    id,
+                    task,
+                    codec.unwrap_or(Codec::Json),
+                    ErrorKind::TooManyRedeliveries,
+                    message,
+                );
+            }
+            tracing::info!(queue = %queue.name, id, count, "its worker went away while it ran alone: counted");
+            headers.redeliveries = count;
+            Disposition::Forward {
+                headers,
+                why: "counting a redelivery",
+                target: Target::Same,
+            }
+        }
+    }
 }
 
 fn refuse(

@@ -11,11 +11,13 @@
 //! 5. [`settle`](super::settle): the channel's acker acks or requeues it.
 
 use super::admit::{Admission, Admitted, admit};
+use super::consume::give_back;
 use super::dispose::dispose;
-use super::execute::Outcome;
+use super::execute::{CatchUnwind, Outcome, panic_message};
 use super::registry::Registration;
-use super::{InFlightGuard, QueueState, Shared};
-use crate::client::caller::Slot;
+use super::settle::Settle;
+use super::{InFlightGuard, Lane, QueueState, Shared};
+use crate::client::caller::{Gate, Slot};
 use crate::context::{Context, ContextParts};
 use crate::protocol::codec::Codec;
 use crate::protocol::headers::{TaskHeaders, push_error};
@@ -38,12 +40,24 @@ pub(crate) enum Disposition<'a> {
         codec: Codec,
         dead_letter: Option<(ErrorKind, String)>,
     },
-    /// Publish a copy with these headers (through the delay queues if its eta is ahead), then
-    /// ack the original.
+    /// Publish a copy with these headers to `target` (through the delay queues if its eta is
+    /// ahead), then ack the original.
     Forward {
         headers: TaskHeaders<'a>,
         why: &'static str,
+        target: Target,
     },
+}
+
+/// Where a copy goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The queue it came from (the task queue or its redelivered lane).
+    Same,
+    /// The task queue.
+    Main,
+    /// The task queue's redelivered lane.
+    Redelivered,
 }
 
 impl Disposition<'_> {
@@ -72,25 +86,43 @@ pub(crate) async fn handle(
 ) {
     let mut abandon = shared.abandon.subscribe();
     let work = async {
-        let disposition = match admit(&shared, &queue, &delivery) {
-            Admission::Run(admitted) => run(&shared, &delivery, admitted, permit).await,
-            Admission::Dispose(disposition) => disposition,
+        let disposition = match admit(&shared, &queue, &delivery).await {
+            Admission::Run(admitted) => run(&shared, &queue, &delivery, admitted, permit).await,
+            Admission::Dispose(disposition) => {
+                // Nothing runs: the slot is free before the disposition is carried out.
+                drop(permit);
+                disposition
+            }
         };
         dispose(&shared, &queue, &delivery, disposition).await
     };
+    // Anything of the pipeline that panics (a bug, not the user's code, which execute guards)
+    // still settles the delivery, so that the ack window keeps moving.
+    let work = CatchUnwind::new(work);
     tokio::select! {
         biased;
-        settle = work => queue.acks.send(settle),
-        // Unsettled: the broker returns the delivery when the channel closes.
-        _ = abandon.wait_for(|abandon| *abandon) => {
-            tracing::warn!(queue = %queue.name, tag = delivery.delivery_tag, "abandoned at the end of the grace period");
+        settle = work => match settle {
+            Ok(settle) => queue.acks.send(settle),
+            Err(panic) => {
+                tracing::error!(queue = %queue.name, tag = delivery.delivery_tag, panic = %panic_message(&*panic), "the worker's pipeline panicked; returning the delivery");
+                queue.acks.send(Settle::Requeue(delivery.delivery_tag));
+            }
+        },
+        // The grace period ran out: the handler stops here, and its delivery is given back
+        // (uncounted: the worker is not dying, it was asked to stop).
+        () = async { let _ = abandon.wait_for(|abandon| *abandon).await; } => {
+            tracing::warn!(queue = %queue.name, tag = delivery.delivery_tag, "abandoned at the end of the grace period; given back");
+            give_back(&shared, &queue, &[&delivery]).await;
         }
     }
 }
 
-/// Executes an admitted delivery with its context, then decides what its outcome means.
+/// Executes an admitted delivery with its context, then decides what its outcome means. A task of
+/// the redelivered lane runs alone: it waits for every other task of the worker to finish, and
+/// none starts until it has.
 async fn run<'a>(
     shared: &Shared,
+    queue: &QueueState,
     delivery: &'a Delivery,
     admitted: Admitted<'a>,
     permit: OwnedSemaphorePermit,
@@ -107,7 +139,13 @@ async fn run<'a>(
         .as_deref()
         .and_then(TraceParent::parse)
         .unwrap_or_else(TraceParent::new_root);
-    let slot = Arc::new(Slot::new(shared.semaphore.clone(), permit));
+    let gate = Gate::new(shared.gate.clone(), queue.lane == Lane::Redelivered);
+    let guard = gate.enter().await;
+    let slot = Arc::new(Slot::new(
+        shared.semaphore.clone(),
+        permit,
+        Some((gate, guard)),
+    ));
     let task_id = TaskId::from(if id.is_empty() {
         TaskId::new().to_string()
     } else {
@@ -118,7 +156,10 @@ async fn run<'a>(
         task_id,
         task_name: task.name(),
         attempt: headers.attempt,
-        redelivered: delivery.redelivered || headers.redeliveries > 0,
+        // Everything in the redelivered lane came back from a worker that went away.
+        redelivered: delivery.redelivered
+            || queue.lane == Lane::Redelivered
+            || headers.redeliveries > 0,
         deadline,
         root_id: headers.root_id.as_deref().map(TaskId::from),
         parent_id: headers.parent_id.as_deref().map(TaskId::from),
@@ -213,8 +254,10 @@ fn next_attempt<'a>(
     push_error(&mut headers.errors, &format!("attempt {attempt}: {error}"));
     headers.attempt = attempt.saturating_add(1);
     headers.eta_ms = Some(eta);
+    // A task that ran and failed did not kill its worker: its retry runs in the task queue.
     Some(Disposition::Forward {
         headers,
         why: "retry",
+        target: Target::Main,
     })
 }

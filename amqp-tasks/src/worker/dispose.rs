@@ -3,7 +3,8 @@
 //! confirm, before the ack), or publish a copy with new headers (a retry, a task not due yet, a
 //! redelivery to count) and ack the original; then say how to settle it.
 
-use super::delivery::Disposition;
+use super::consume::give_back;
+use super::delivery::{Disposition, Target};
 use super::settle::Settle;
 use super::{QueueState, Shared};
 use crate::error::CallError;
@@ -12,7 +13,7 @@ use crate::protocol::dead_letter::dead_letter_properties;
 use crate::protocol::headers::{DEAD_ERROR_MAX, TaskHeaders, fit, truncate};
 use crate::protocol::properties::copy_properties;
 use crate::protocol::reply::ErrorKind;
-use crate::protocol::topology::dead_letter_queue;
+use crate::protocol::topology::{dead_letter_queue, redelivered_queue};
 use crate::protocol::{expiration, unix_ms};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -34,9 +35,11 @@ pub(crate) async fn dispose(
             dead_letter,
         } => respond(shared, queue, delivery, reply, codec, dead_letter).await,
         // Boxed: rare paths, kept out of the future every delivery allocates.
-        Disposition::Forward { headers, why } => {
-            Box::pin(forward(shared, queue, delivery, headers, why)).await
-        }
+        Disposition::Forward {
+            headers,
+            why,
+            target,
+        } => Box::pin(forward(shared, queue, delivery, headers, why, target)).await,
     }
 }
 
@@ -74,23 +77,53 @@ async fn respond(
             return Settle::Requeue(delivery.delivery_tag);
         }
     }
-    if let Some((kind, message)) = dead_letter
-        && let Err(error) = Box::pin(dead_letter_it(shared, queue, delivery, kind, &message)).await
-    {
-        tracing::error!(%error, queue = %queue.name, "could not dead-letter a message; returning it to its queue");
-        return Settle::Requeue(delivery.delivery_tag);
+    if let Some((kind, message)) = dead_letter {
+        match Box::pin(dead_letter_it(shared, queue, delivery, kind, &message)).await {
+            Ok(()) => queue.dead_letters.succeeded(),
+            Err(error) => return Box::pin(hold_back(shared, queue, delivery, error)).await,
+        }
     }
     Settle::Ack(delivery.delivery_tag)
 }
 
-/// Publishes a copy of the delivery with new headers to its own queue (through the delay queues
-/// when its eta is ahead), waits for the confirm, then acks the original.
+/// A dead letter that cannot be published (its `.dlq` deleted, or full and refusing): the message
+/// stays in its queue. It is held for a backoff that grows with each failure in a row (so that a
+/// failing `.dlq` does not turn the worker into a loop), logged once per interval, then given back
+/// to its queue to be tried again; normal work goes on meanwhile, and shutdown cuts the wait.
+async fn hold_back(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+    error: CallError,
+) -> Settle {
+    let wait = queue.dead_letters.failed();
+    if let Some(suppressed) = queue.dead_letters.should_log() {
+        tracing::error!(
+            %error,
+            queue = %queue.main,
+            retry_in = ?wait,
+            "could not dead-letter a message (and {suppressed} more since the last report); \
+             it stays in its queue"
+        );
+    }
+    let mut stopping = shared.stopping.subscribe();
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        _ = stopping.wait_for(|stopping| *stopping) => {}
+    }
+    give_back(shared, queue, &[delivery]).await;
+    Settle::Given(delivery.delivery_tag)
+}
+
+/// Publishes a copy of the delivery with new headers to `target` (through the delay queues when
+/// its eta is ahead), waits for the confirm, then acks the original.
 async fn forward(
     shared: &Shared,
     queue: &QueueState,
     delivery: &Delivery,
     headers: TaskHeaders<'_>,
     why: &'static str,
+    target: Target,
 ) -> Settle {
     let original = &delivery.properties;
     let table = headers.write_into(original.headers().clone().unwrap_or_default());
@@ -104,20 +137,19 @@ async fn forward(
     if let Some(mode) = original.delivery_mode() {
         properties = properties.with_delivery_mode(*mode);
     }
+    let to = match target {
+        Target::Same => queue.name.clone(),
+        Target::Main => queue.main.clone(),
+        Target::Redelivered => redelivered_queue(&queue.main),
+    };
     let client = &shared.client;
     let deadline = Instant::now() + client.confirm_timeout();
     match client
-        .publish(
-            &queue.name,
-            &delivery.data,
-            properties,
-            headers.eta_ms,
-            deadline,
-        )
+        .publish(&to, &delivery.data, properties, headers.eta_ms, deadline)
         .await
     {
         Ok(()) => {
-            tracing::debug!(queue = %queue.name, why, eta = ?headers.eta_ms, "sent on");
+            tracing::debug!(queue = %queue.name, to = %to, why, eta = ?headers.eta_ms, "sent on");
             // Acked now rather than batched: the copy is in the queue already, and a crash before
             // the ack would leave two of them.
             // (If the channel is gone, the broker returns the original along with it.)
@@ -146,7 +178,7 @@ async fn dead_letter_it(
     message: &str,
 ) -> Result<(), CallError> {
     let message = truncate(message, DEAD_ERROR_MAX);
-    let properties = dead_letter_properties(&delivery.properties, kind, &message, &queue.name);
+    let properties = dead_letter_properties(&delivery.properties, kind, &message, &queue.main);
     let properties = match properties.headers() {
         Some(table) => {
             let table = fit(table.clone(), queue.budget.write);
@@ -154,7 +186,7 @@ async fn dead_letter_it(
         }
         None => properties,
     };
-    let dlq = dead_letter_queue(&queue.name);
+    let dlq = dead_letter_queue(&queue.main);
     let client = &shared.client;
     let deadline = Instant::now() + client.confirm_timeout();
     client

@@ -141,14 +141,14 @@ fn panicked(doing: &str, panic: &(dyn Any + Send)) -> Outcome {
 pin_project_lite::pin_project! {
     /// `catch_unwind` for a future: a panic in the handler becomes an error reply, not a dead
     /// worker.
-    struct CatchUnwind<F> {
+    pub(crate) struct CatchUnwind<F> {
         #[pin]
         inner: F,
     }
 }
 
 impl<F> CatchUnwind<F> {
-    fn new(inner: F) -> Self {
+    pub(crate) fn new(inner: F) -> Self {
         CatchUnwind { inner }
     }
 }
@@ -166,7 +166,7 @@ impl<F: Future> Future for CatchUnwind<F> {
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     if let Some(text) = panic.downcast_ref::<&str>() {
         (*text).to_owned()
     } else if let Some(text) = panic.downcast_ref::<String>() {

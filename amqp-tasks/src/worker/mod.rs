@@ -24,6 +24,7 @@ pub(crate) mod delivery;
 pub(crate) mod dispose;
 pub mod dlq;
 pub(crate) mod execute;
+pub(crate) mod presence;
 pub mod registry;
 pub(crate) mod settle;
 
@@ -38,14 +39,18 @@ use crate::protocol::topology::{self, QueueType};
 use crate::transport::topology::{declare_delays, declare_task_queue};
 use consume::{Ended, close_all, drain, open_consumers, run};
 use lapin::Channel;
+use presence::Presence;
 use registry::Registration;
 use settle::AckSender;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, RwLock, Semaphore, watch};
+
+/// How long declaring the topology and starting the consumers of a session may take.
+const OPEN_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Default of [`WorkerBuilder::concurrency`].
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -143,9 +148,12 @@ impl Worker {
             );
         }
         let shared = Arc::new(Shared {
+            stopping: watch::Sender::new(false),
             abandon: watch::Sender::new(false),
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
+            gate: Arc::new(RwLock::new(())),
             in_flight: Arc::new(InFlight::default()),
+            presence: Presence::default(),
             client,
             settings,
         });
@@ -171,10 +179,22 @@ impl Worker {
                     }
                 }
             };
-            let consumers = match open_consumers(&shared, &session, &queues).await {
+            // Declaring and consuming is bounded too: a broker that stops answering mid-way
+            // ends this session, and the next attempt opens a new one.
+            let opened = tokio::select! {
+                opened = tokio::time::timeout(OPEN_PATIENCE, open_consumers(&shared, &session, &queues)) => opened,
+                () = &mut shutdown => return drain(&shared, Vec::new()).await,
+            };
+            let opened = opened.unwrap_or_else(|_| {
+                Err(Error::Config(format!(
+                    "declaring and consuming took longer than {OPEN_PATIENCE:?}"
+                )))
+            });
+            let consumers = match opened {
                 Ok(consumers) => consumers,
                 Err(error) if first => return Err(error),
                 Err(error) => {
+                    session.mark_lost(format!("cannot resume consuming: {error}"));
                     attempt += 1;
                     let delay = RetryPolicy::RECONNECT.delay(attempt);
                     tracing::warn!(%error, retry_in = ?delay, "cannot resume consuming");
@@ -186,7 +206,10 @@ impl Worker {
             };
             first = false;
             attempt = 0;
-            tracing::info!("worker ready: consuming {} queue(s)", consumers.len());
+            tracing::info!(
+                "worker ready: consuming {} queue(s) and their redelivered lanes",
+                consumers.len() / 2
+            );
             let (ended, closings) = run(&shared, &session, consumers, &mut shutdown).await;
             match ended {
                 Ended::Shutdown => return drain(&shared, closings).await,
@@ -324,21 +347,85 @@ impl Worker {
 /// What every handler of this worker shares.
 pub(crate) struct Shared {
     pub(crate) client: Client,
+    /// Set when shutdown was asked: waits give way, deliveries not started are given back.
+    pub(crate) stopping: watch::Sender<bool>,
     /// Set when the grace period ran out: handlers still running stop where they are.
     pub(crate) abandon: watch::Sender<bool>,
     pub(crate) semaphore: Arc<Semaphore>,
+    /// Held shared by every running task, exclusively by one that must run alone.
+    pub(crate) gate: Arc<RwLock<()>>,
     pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) presence: Presence,
     pub(crate) settings: Settings,
+}
+
+/// Which of a task queue's two consumers a delivery came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The task queue itself: tasks run side by side.
+    Main,
+    /// Its redelivered lane (`<queue>.redelivered`): one at a time, each alone in this worker.
+    Redelivered,
 }
 
 /// What a handler needs to know about its queue.
 pub(crate) struct QueueState {
+    /// The queue consumed: the task queue, or its redelivered lane.
     pub(crate) name: String,
+    /// The task queue (where retries go, whose `.dlq` takes the dead letters).
+    pub(crate) main: String,
+    pub(crate) lane: Lane,
     pub(crate) tasks: Vec<&'static Registration>,
     pub(crate) channel: Channel,
     pub(crate) acks: AckSender,
     /// What the session's frames can carry in headers.
     pub(crate) budget: HeaderBudget,
+    /// Whether dead letters can be published to its `.dlq` right now.
+    pub(crate) dead_letters: Health,
+}
+
+/// How an outbound path (publishing dead letters) has been doing: consecutive failures drive a
+/// backoff, and the log says so once per interval rather than once per message.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    failures: AtomicU32,
+    logged: std::sync::Mutex<Option<(tokio::time::Instant, u64)>>,
+}
+
+impl Health {
+    /// How long to hold a message before giving it back, after another failure.
+    pub(crate) fn failed(&self) -> Duration {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::SeqCst)
+            .saturating_add(1);
+        RetryPolicy {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+        .delay(failures)
+    }
+
+    pub(crate) fn succeeded(&self) {
+        self.failures.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether to log this failure (at most once per 10 s), and how many were not logged since.
+    pub(crate) fn should_log(&self) -> Option<u64> {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        match &mut *logged {
+            Some((at, suppressed)) if now.duration_since(*at) < Duration::from_secs(10) => {
+                *suppressed += 1;
+                None
+            }
+            other => {
+                let suppressed = other.map_or(0, |(_, suppressed)| suppressed);
+                *other = Some((now, 0));
+                Some(suppressed)
+            }
+        }
+    }
 }
 
 /// Handlers running (and settling) now.

@@ -20,6 +20,8 @@ pub(crate) enum Settle {
     Requeue(u64),
     /// Acked already, by its handler.
     AckedAlone(u64),
+    /// Given back as a copy: its own settlement was sent with it (nothing more to do).
+    Given(u64),
 }
 
 /// Sends settlements to the channel's acker.
@@ -45,6 +47,7 @@ pub(crate) fn spawn(channel: Channel) -> (AckSender, JoinHandle<()>) {
                 match settle {
                     Settle::Ack(tag) => window.finished(tag),
                     Settle::AckedAlone(tag) => window.settled_alone(tag),
+                    Settle::Given(_) => {}
                     Settle::Requeue(tag) => {
                         // Sent before any multiple ack that covers it, so it is not acked by one.
                         let options = BasicNackOptions {
