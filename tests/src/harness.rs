@@ -253,7 +253,8 @@ impl TestEnv {
                     self.queue(queue)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Each look is a `rabbitmqctl` (an Erlang VM): not too often.
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }

@@ -304,3 +304,138 @@ pub type Meters = u32;
 pub async fn walk(distance: Meters) -> Meters {
     distance * 2
 }
+
+// --- hostile input ---------------------------------------------------------------------------------
+
+/// A value whose `Deserialize` panics.
+#[derive(Debug, Serialize)]
+pub struct Explosive(pub u8);
+
+impl<'de> Deserialize<'de> for Explosive {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("Explosive cannot be decoded")
+    }
+}
+
+#[task]
+pub async fn explode_on_decode(value: Explosive) -> u8 {
+    value.0
+}
+
+/// A value whose `Serialize` panics.
+#[derive(Debug, Deserialize)]
+pub struct Fragile;
+
+impl Serialize for Fragile {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("Fragile cannot be encoded")
+    }
+}
+
+#[task]
+pub async fn explode_on_encode() -> Fragile {
+    Fragile
+}
+
+/// An error whose `Display` panics.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Unprintable;
+
+impl std::fmt::Display for Unprintable {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("Unprintable cannot be shown")
+    }
+}
+
+#[task]
+pub async fn explode_on_display() -> Result<(), Unprintable> {
+    Err(Unprintable)
+}
+
+/// Panics when dropped.
+struct Tripwire;
+
+impl Drop for Tripwire {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("Tripwire dropped");
+        }
+    }
+}
+
+/// Holds a guard whose `Drop` panics, past its 200 ms time limit.
+#[task(timeout = "200ms")]
+pub async fn explode_on_cancel() {
+    let _tripwire = Tripwire;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+}
+
+/// Two tasks sharing one queue, which workers may serve in part.
+#[task(queue = "text")]
+pub async fn shout(text: String) -> String {
+    text.to_uppercase()
+}
+
+#[task(queue = "text")]
+pub async fn word_count(text: String) -> usize {
+    text.split_whitespace().count()
+}
+
+/// Asks for many long retries: its calls' deadline is far beyond what an expiration can say.
+#[task(retries = 23, backoff = "1h")]
+pub async fn patient() -> Result<u32, String> {
+    Ok(7)
+}
+
+/// Appends `start <id> <unix ms>` as it starts and `end <id> <unix ms>` as it ends (after `ms`).
+#[task(timeout = "30s")]
+pub async fn span(ctx: Context, path: String, ms: u64) {
+    append(&path, &format!("start {} {}", ctx.task_id(), now_ms()));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    append(&path, &format!("end {} {}", ctx.task_id(), now_ms()));
+}
+
+/// A task of the `mixed` queue that kills its worker.
+#[task(queue = "mixed")]
+pub async fn mixed_poison(path: String) {
+    append(&path, &format!("poison {}", std::process::id()));
+    std::process::abort();
+}
+
+/// An innocent task of the `mixed` queue: records `n`.
+#[task(queue = "mixed")]
+pub async fn mixed_innocent(path: String, n: u64, ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    append(&path, &n.to_string());
+}
+
+/// Gives up waiting on a slow call after 200 ms (its future dropped), then keeps its slot busy
+/// for `ms`, recording `busy <start> <end>`.
+#[task(timeout = "30s")]
+pub async fn abandon_call(ctx: Context, path: String, ms: u64) {
+    let slow = sleep_ms::new(5_000).call(&ctx);
+    let _ = tokio::time::timeout(Duration::from_millis(200), slow).await;
+    let start = now_ms();
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    append(&path, &format!("busy {start} {}", now_ms()));
+}
+
+/// Records `probe <start> <end>` after running `ms`.
+#[task(timeout = "30s")]
+pub async fn busy_probe(path: String, ms: u64) {
+    let start = now_ms();
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    append(&path, &format!("probe {start} {}", now_ms()));
+}
+
+/// Appends `start <id> <unix ms>`, waits until the file `release` exists (at most a minute), then
+/// appends `end <id> <unix ms>`.
+#[task(timeout = "90s")]
+pub async fn hold(ctx: Context, path: String, release: String) {
+    append(&path, &format!("start {} {}", ctx.task_id(), now_ms()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&release).is_err() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    append(&path, &format!("end {} {}", ctx.task_id(), now_ms()));
+}

@@ -174,10 +174,14 @@ pub(super) async fn watch_connection(
         tokio::select! {
             event = next(&mut events) => match event {
                 Some(Event::Error(error)) => {
-                    if let Some(session) = session.upgrade() {
+                    let Some(session) = session.upgrade() else { return };
+                    // lapin reports a channel closed by the broker (a passive declare of a queue
+                    // that does not exist, say) here too: only a connection error ends the session.
+                    if !session.connection.status().connected() {
                         session.mark_lost(error.to_string());
+                        return;
                     }
-                    return;
+                    tracing::debug!(%error, "a channel was closed by the broker");
                 }
                 Some(_) => {}
                 None => return,

@@ -123,6 +123,7 @@ pub(crate) async fn open_consumers(
                     name,
                     main: queue.clone(),
                     lane,
+                    prefetch,
                     tasks: tasks.clone(),
                     channel,
                     acks,

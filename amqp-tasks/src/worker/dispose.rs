@@ -6,7 +6,7 @@
 use super::consume::give_back;
 use super::delivery::{Disposition, Target};
 use super::settle::Settle;
-use super::{QueueState, Shared};
+use super::{Lane, QueueState, Shared};
 use crate::error::CallError;
 use crate::protocol::codec::Codec;
 use crate::protocol::dead_letter::dead_letter_properties;
@@ -17,8 +17,8 @@ use crate::protocol::topology::{dead_letter_queue, redelivered_queue};
 use crate::protocol::{expiration, unix_ms};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::BasicPublishOptions;
-use std::time::SystemTime;
+use lapin::options::{BasicPublishOptions, BasicQosOptions};
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// Carries out a disposition and says how to settle the delivery.
@@ -160,6 +160,18 @@ async fn forward(
                     lapin::options::BasicAckOptions::default(),
                 )
                 .await;
+            if to != queue.name || queue.lane == Lane::Redelivered {
+                // A copy bound for the redelivered lane runs alone, and may kill this process:
+                // by then the broker must have the original's ack. It has once a method sent after
+                // the ack on this channel is answered (the broker handles a channel in order).
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    queue
+                        .channel
+                        .basic_qos(queue.prefetch, BasicQosOptions { global: false }),
+                )
+                .await;
+            }
             Settle::AckedAlone(delivery.delivery_tag)
         }
         Err(error) => {

@@ -50,7 +50,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, RwLock, Semaphore, watch};
 
 /// How long declaring the topology and starting the consumers of a session may take.
-const OPEN_PATIENCE: Duration = Duration::from_secs(30);
+const OPEN_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Default of [`WorkerBuilder::concurrency`].
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -183,6 +183,7 @@ impl Worker {
             // ends this session, and the next attempt opens a new one.
             let opened = tokio::select! {
                 opened = tokio::time::timeout(OPEN_PATIENCE, open_consumers(&shared, &session, &queues)) => opened,
+                reason = session.lost() => Ok(Err(Error::Config(format!("the session was lost: {reason}")))),
                 () = &mut shutdown => return drain(&shared, Vec::new()).await,
             };
             let opened = opened.unwrap_or_else(|_| {
@@ -375,6 +376,8 @@ pub(crate) struct QueueState {
     /// The task queue (where retries go, whose `.dlq` takes the dead letters).
     pub(crate) main: String,
     pub(crate) lane: Lane,
+    /// Its consumer's prefetch.
+    pub(crate) prefetch: u16,
     pub(crate) tasks: Vec<&'static Registration>,
     pub(crate) channel: Channel,
     pub(crate) acks: AckSender,

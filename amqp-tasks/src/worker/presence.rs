@@ -5,6 +5,7 @@
 //! tasks) can pass it on to one that does, instead of dead-lettering work another worker could do.
 
 use crate::client::Client;
+use crate::protocol::SHORT_MAX;
 use crate::protocol::topology::presence_queue;
 use crate::transport::probe::Entity;
 use std::collections::HashMap;
@@ -32,6 +33,10 @@ impl Presence {
             return served;
         }
         let queue = presence_queue(client.namespace(), task);
+        if queue.len() > SHORT_MAX {
+            // No worker can consume a presence queue whose name AMQP cannot carry.
+            return false;
+        }
         let served = match client.session().await {
             Ok(session) => session
                 .probe(&queue, Entity::Queue)
