@@ -29,7 +29,8 @@
 //! | `root_id`, `parent_id` | string | task ids of the chain of tasks that caused this one; absent: this task is the root |
 //! | `traceparent` | string | W3C trace context of the task that sent this one; absent: the worker starts a trace |
 //! | `errors` | array of strings | the errors of earlier attempts (set by retries) |
-//! | `redeliveries` | integer | how often the broker redelivered it (set by workers; see below) |
+//! | `redeliveries` | integer | how often it came back from running alone in a worker that went away (set by workers; see below) |
+//! | `passed_on` | integer | how often workers that do not serve the task passed it on to one that does |
 //! | `delay_bucket` | string | routes a delayed message to its bucket queue ([`topology`](crate::topology)) |
 //!
 //! Headers that would only repeat a default are left out: every header costs the sender, the
@@ -66,11 +67,29 @@
 //! # Redeliveries
 //!
 //! A message that kills its worker every time (abort, stack overflow, out of memory) comes back
-//! with the `redelivered` flag. A worker receiving such a message from a classic queue does not
-//! run it: it republishes a copy with `redeliveries` incremented and acks the original, so the
-//! count survives the next crash; past the limit (`--max-redeliveries`, default 5) the message is
-//! dead-lettered as `too_many_redeliveries`. Quorum queues count for themselves
-//! (`x-delivery-count`). Tasks returned to the queue by a graceful shutdown count too.
+//! with the `redelivered` flag, and so do the messages that were merely prefetched by the worker it
+//! killed. A worker never runs a redelivered message in its task queue: it moves it (a copy, then
+//! the original's ack) to the queue's redelivered lane, `<queue>.redelivered`, uncounted. The lane
+//! is consumed one message at a time, and each runs alone in its worker (no other task of the
+//! worker runs meanwhile). A message that comes back redelivered *from the lane* was the one
+//! running alone when its worker went away: only then is `redeliveries` incremented (in a copy,
+//! so that the count survives the next crash), and once it reaches `--max-redeliveries` (default
+//! 5) the message is dead-lettered as `too_many_redeliveries`. Innocent neighbours of a poison
+//! message therefore run (alone, once); only the poison is blamed. A graceful shutdown gives the
+//! deliveries it did not finish back as fresh copies, which count nothing. The broker's own
+//! `x-delivery-count` (quorum queues) counts graceful returns too: it is never trusted, and left
+//! out of every copy.
+//!
+//! # Header budget
+//!
+//! RabbitMQ never splits a content-header frame, so a message's properties and headers must fit
+//! one frame of the negotiated `frame_max`. A connection asks for 128 KiB (RabbitMQ's default), so
+//! that it can read any message the broker accepted; a smaller `?frame_max=` in the URL gives that
+//! up (such a message then fails the whole connection, which the worker opens again). What a worker
+//! writes stays within the frame: `dead_error` is cut to 2 KiB, the `errors` history to 8 KiB (the
+//! oldest first), and a copy that would not fit drops the largest headers this format does not
+//! define (naming them in `dropped_headers`). A received message whose headers leave no room for
+//! those additions (over 108 KiB with 128 KiB frames) is refused as `too_large`.
 //!
 //! # Speaking with aio-pika's `JsonRPC`
 //!
