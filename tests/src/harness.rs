@@ -77,6 +77,12 @@ impl TestEnv {
         TestEnv::create(test, amqp_url(), None)
     }
 
+    /// A namespace on the broker(s) at `url` (a TLS node, a cluster's URL list): its workers and
+    /// clients use that URL; nothing of it is inspected with `rabbitmqctl`.
+    pub fn with_url(test: &str, url: String) -> TestEnv {
+        TestEnv::create(test, url, None)
+    }
+
     /// A namespace on a private node of the test's (which it inspects with its own
     /// `rabbitmqctl -n`).
     pub fn on_node(test: &str, node: std::sync::Arc<crate::node::Node>) -> TestEnv {
@@ -101,7 +107,15 @@ impl TestEnv {
             .chain(
                 amqp_tasks::topology::DELAY_BUCKETS_MS
                     .iter()
-                    .map(|bucket| amqp_tasks::topology::delay_queue(Some(&namespace), *bucket)),
+                    .flat_map(|bucket| {
+                        [
+                            amqp_tasks::QueueType::Classic,
+                            amqp_tasks::QueueType::Quorum,
+                        ]
+                        .map(|kind| {
+                            amqp_tasks::topology::delay_queue_of(Some(&namespace), *bucket, kind)
+                        })
+                    }),
             )
             .collect();
         TestEnv {
@@ -271,7 +285,11 @@ pub struct Counts {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
-        let exchange = amqp_tasks::topology::delay_exchange(Some(&self.namespace));
+        let exchanges = [
+            amqp_tasks::QueueType::Classic,
+            amqp_tasks::QueueType::Quorum,
+        ]
+        .map(|kind| amqp_tasks::topology::delay_exchange_of(Some(&self.namespace), kind));
         let url = self.url.clone();
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own (the test's may be gone, or panicking), and a bound on the wait:
@@ -293,12 +311,14 @@ impl Drop for TestEnv {
                                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                                 .await;
                         }
-                        let _ = channel
-                            .exchange_delete(
-                                exchange.as_str().into(),
-                                lapin::options::ExchangeDeleteOptions::default(),
-                            )
-                            .await;
+                        for exchange in exchanges {
+                            let _ = channel
+                                .exchange_delete(
+                                    exchange.as_str().into(),
+                                    lapin::options::ExchangeDeleteOptions::default(),
+                                )
+                                .await;
+                        }
                         let _ = connection.close(200, "test cleanup".into()).await;
                         Some(())
                     };

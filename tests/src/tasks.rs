@@ -439,3 +439,9 @@ pub async fn hold(ctx: Context, path: String, release: String) {
     }
     append(&path, &format!("end {} {}", ctx.task_id(), now_ms()));
 }
+
+/// Appends `n <unix ms>` to the file at `path`.
+#[task]
+pub async fn record_at(path: String, n: u64) {
+    append(&path, &format!("{n} {}", now_ms()));
+}

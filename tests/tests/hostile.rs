@@ -858,28 +858,59 @@ async fn a_cancelled_call_takes_its_slot_back() {
 async fn amqps_never_falls_back_to_plain_tcp() {
     let env = TestEnv::new("hostile-amqps");
     bounded(LIMIT, async {
+        // Something that is no TLS server: it records the first bytes of every connection.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+        let recorder = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                use tokio::io::AsyncReadExt;
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let mut first = [0u8; 8];
+                    let read =
+                        tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut first))
+                            .await;
+                    if matches!(read, Ok(Ok(_))) {
+                        seen.lock().unwrap().push(first.to_vec());
+                    }
+                }
+            }
+        });
         let url = format!("amqps://guest:s3cret@127.0.0.1:{port}/%2f");
         let refused = Client::connect(&url).await;
         let error = refused
-            .expect_err("amqps without TLS must not connect")
+            .expect_err("amqps to something that is no TLS server must not connect")
             .to_string();
-        assert!(
-            error.contains("TLS") && !error.contains("s3cret"),
-            "{error}"
-        );
+        assert!(!error.contains("s3cret"), "{error}");
+        // Even one told not to verify the server speaks TLS to it, and nothing else.
+        let unverified = format!("{url}?verify=verify_none");
         let mut worker = WorkerProcess::spawn(
             WORKER,
             &["--tasks", "add"],
-            &[("AMQP_URL", &url), ("AMQP_TASKS_NAMESPACE", &env.namespace)],
+            &[
+                ("AMQP_URL", &unverified),
+                ("AMQP_TASKS_NAMESPACE", &env.namespace),
+            ],
         );
-        let status = worker.exit(PATIENCE).await;
-        assert_eq!(status.code(), Some(1), "{}", worker.output());
+        eventually("the worker to try", PATIENCE, || {
+            (seen.lock().unwrap().len() >= 2 || worker.has_exited()).then_some(())
+        })
+        .await;
+        worker.signal("KILL");
+        let _ = worker.exit(PATIENCE).await;
         assert!(!worker.output().contains("s3cret"), "{}", worker.output());
-        // Nobody so much as opened a TCP connection to the port.
-        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
-        assert!(accepted.is_err(), "something connected in plain TCP");
+        recorder.abort();
+        // Every connection opened with a TLS handshake record (0x16, version 3.x), none with the
+        // AMQP protocol header.
+        let seen = seen.lock().unwrap().clone();
+        assert!(!seen.is_empty(), "nobody connected");
+        for first in &seen {
+            assert!(
+                first[0] == 0x16 && first[1] == 0x03 && !first.starts_with(b"AMQP"),
+                "not a TLS ClientHello: {first:?}"
+            );
+        }
     })
     .await;
 }

@@ -313,6 +313,7 @@ async fn a_poison_message_is_dead_lettered_after_the_redelivery_limit() {
             poison::new(path.clone()).delay(&client).await.unwrap();
             // Each delivery kills the worker, which is restarted, until a worker dead-letters it.
             let mut crashes = 0;
+            let mut outputs = Vec::new();
             let deadline = Instant::now() + LIMIT;
             loop {
                 assert!(
@@ -325,6 +326,7 @@ async fn a_poison_message_is_dead_lettered_after_the_redelivery_limit() {
                         "the poison aborts the worker"
                     );
                     crashes += 1;
+                    outputs.push(worker.output());
                     assert!(crashes <= 10, "{queue_type}: crash loop");
                     worker = env.worker(WORKER, &args).ready().await;
                 } else if env.depth("poison.dlq").await == 1 {
@@ -334,8 +336,10 @@ async fn a_poison_message_is_dead_lettered_after_the_redelivery_limit() {
                 }
             }
             assert_eq!(
-                crashes, 3,
-                "{queue_type}: dead-lettered after the first delivery and 2 redeliveries"
+                crashes,
+                3,
+                "{queue_type}: dead-lettered after the first delivery and 2 redeliveries:\n{}",
+                outputs.join("\n=====\n")
             );
             assert_eq!(env.depth("poison.dlq").await, 1);
             let mut list = env.worker(WORKER, &["dlq", "list", "poison"]);

@@ -101,9 +101,10 @@ impl ClientBuilder {
             topology::check_name(namespace)
                 .map_err(|e| Error::Config(format!("namespace: {e}")))?;
         }
+        let broker = Broker::new(self.broker).map_err(Error::Config)?;
         let client = Client {
             inner: Arc::new(ClientInner {
-                broker: Broker::new(self.broker),
+                broker,
                 confirm_timeout: self.confirm_timeout,
             }),
         };
@@ -122,7 +123,9 @@ impl ClientBuilder {
 
 impl Client {
     /// Connects to `url` (`amqp://user:password@host:port/vhost`, the vhost URL-encoded: `%2f`
-    /// for `/`).
+    /// for `/`; `amqps://` for TLS, with RabbitMQ's `cacertfile`, `certfile`, `keyfile`,
+    /// `verify` and `server_name_indication` parameters), or to one of a comma-separated list of
+    /// such URLs: the nodes of a cluster, tried in a shuffled order, the next one after a loss.
     pub async fn connect(url: &str) -> Result<Client, Error> {
         Client::builder(url).connect().await
     }
@@ -162,9 +165,18 @@ impl Client {
         topology::queue_name(self.namespace(), queue)
     }
 
-    /// The URL without its password, for logs.
+    /// The URL (or the comma-separated list of URLs) without passwords, for logs.
     pub fn url_redacted(&self) -> String {
         self.inner.broker.url_redacted()
+    }
+
+    /// The node the current connection goes to (its URL, password redacted), if connected.
+    pub fn connected_to(&self) -> Option<String> {
+        self.inner
+            .broker
+            .current()
+            .filter(|session| session.is_alive())
+            .map(|session| session.url.clone())
     }
 
     pub(crate) fn confirm_timeout(&self) -> Duration {

@@ -20,7 +20,11 @@
 //! `x-dead-letter-exchange` = `""`. A delayed message is published to the headers exchange
 //! `<namespace>.amqp-tasks.delay` with routing key = its task queue and header `delay_bucket` =
 //! the largest delay not longer than what remains; when it expires, the broker dead-letters it to
-//! its task queue (the routing key is kept). A worker that receives a task whose `eta` is still
+//! its task queue (the routing key is kept). With `--queue-type quorum` the delay set is made of
+//! quorum queues of names of their own: the exchange `<namespace>.amqp-tasks.delay-quorum` and
+//! the buckets `<namespace>.amqp-tasks.delay-quorum.<ms>ms`, with `x-dead-letter-strategy` =
+//! `at-least-once` and `x-overflow` = `reject-publish`; a sender uses that set when its exchange
+//! exists, the classic one otherwise. A worker that receives a task whose `eta` is still
 //! 100 ms or more away sends it on to the next bucket. So any delay works, hop by hop (each hop
 //! at least halves what remains), with a resolution of 100 ms (a task may start up to 100 ms
 //! early, never late by the cascade). Fixed-delay queues expire in order: no message waits behind
@@ -55,14 +59,36 @@ pub(crate) fn delay_bucket(remaining_ms: u64) -> Option<u64> {
         .find(|bucket| *bucket <= remaining_ms)
 }
 
-/// The headers exchange delayed messages are published to.
+/// The headers exchange delayed messages are published to (the classic delay set).
 pub fn delay_exchange(namespace: Option<&str>) -> String {
-    queue_name(namespace, "amqp-tasks.delay")
+    delay_exchange_of(namespace, QueueType::Classic)
 }
 
-/// The bucket queue of a delay.
+/// The bucket queue of a delay (the classic delay set).
 pub fn delay_queue(namespace: Option<&str>, bucket_ms: u64) -> String {
-    queue_name(namespace, &format!("amqp-tasks.delay.{bucket_ms}ms"))
+    delay_queue_of(namespace, bucket_ms, QueueType::Classic)
+}
+
+/// The delay set's stem: classic deployments keep the original names; the quorum set has names of
+/// its own, since a deployed queue's arguments can never change.
+fn delay_stem(queue_type: QueueType) -> &'static str {
+    match queue_type {
+        QueueType::Classic => "amqp-tasks.delay",
+        QueueType::Quorum => "amqp-tasks.delay-quorum",
+    }
+}
+
+/// The headers exchange of a delay set.
+pub fn delay_exchange_of(namespace: Option<&str>, queue_type: QueueType) -> String {
+    queue_name(namespace, delay_stem(queue_type))
+}
+
+/// A bucket queue of a delay set.
+pub fn delay_queue_of(namespace: Option<&str>, bucket_ms: u64, queue_type: QueueType) -> String {
+    queue_name(
+        namespace,
+        &format!("{}.{bucket_ms}ms", delay_stem(queue_type)),
+    )
 }
 
 /// The RabbitMQ queue type of task and dead-letter queues.
@@ -101,9 +127,21 @@ impl std::str::FromStr for QueueType {
 }
 
 /// The arguments of the bucket queue of a delay: its TTL, and the default exchange to
-/// dead-letter expired messages to (keeping their routing key, the task queue).
-pub(crate) fn delay_queue_arguments(bucket_ms: u64) -> FieldTable {
-    let mut arguments = task_queue_arguments(QueueType::Classic);
+/// dead-letter expired messages to (keeping their routing key, the task queue). A quorum bucket
+/// dead-letters `at-least-once` (which RabbitMQ allows only with `x-overflow = reject-publish`),
+/// so that a delayed task is not lost on its way back, whatever node fails.
+pub(crate) fn delay_queue_arguments(bucket_ms: u64, queue_type: QueueType) -> FieldTable {
+    let mut arguments = task_queue_arguments(queue_type);
+    if queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
     arguments.insert(
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(i64::try_from(bucket_ms).unwrap_or(i64::MAX)),
@@ -205,5 +243,13 @@ mod tests {
         assert_eq!(dead_letter_queue("staging.add"), "staging.add.dlq");
         assert_eq!(delay_exchange(None), "amqp-tasks.delay");
         assert_eq!(delay_queue(Some("t"), 800), "t.amqp-tasks.delay.800ms");
+        assert_eq!(
+            delay_queue_of(Some("t"), 800, QueueType::Quorum),
+            "t.amqp-tasks.delay-quorum.800ms"
+        );
+        assert_eq!(
+            delay_exchange_of(None, QueueType::Quorum),
+            "amqp-tasks.delay-quorum"
+        );
     }
 }

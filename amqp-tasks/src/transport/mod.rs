@@ -10,6 +10,7 @@ pub(crate) mod probe;
 pub(crate) mod publish;
 pub(crate) mod replies;
 pub(crate) mod session;
+pub(crate) mod tls;
 pub(crate) mod topology;
 pub(crate) mod url;
 
@@ -18,9 +19,11 @@ use crate::protocol::retry::RetryPolicy;
 use futures_core::Stream;
 use session::Session;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+use url::Endpoint;
 
 /// How to reach the broker.
 #[derive(Clone, Debug)]
@@ -32,25 +35,39 @@ pub(crate) struct BrokerConfig {
     pub(crate) connection_name: String,
 }
 
-/// The broker as the rest of the crate sees it: the live session, or a new one when it is lost.
+/// The broker as the rest of the crate sees it: the live session, or a new one when it is lost,
+/// on one of its nodes (tried in a shuffled order, so that many clients spread over a cluster;
+/// after a loss, the next node first).
 pub(crate) struct Broker {
     pub(crate) config: BrokerConfig,
+    endpoints: Vec<Endpoint>,
+    /// The node to try first at the next connect.
+    next: AtomicUsize,
     current: Mutex<Option<Arc<Session>>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
-    pub(crate) fn new(config: BrokerConfig) -> Broker {
-        Broker {
+    /// Parses the URL (or list of URLs) of `config`.
+    pub(crate) fn new(config: BrokerConfig) -> Result<Broker, String> {
+        let endpoints = url::parse_list(&config.url)?;
+        let start = crate::protocol::trace::random_u64() as usize % endpoints.len();
+        Ok(Broker {
             config,
+            endpoints,
+            next: AtomicUsize::new(start),
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
-    /// The URL without its password, for logs.
+    /// The URL (or URLs) without passwords, for logs.
     pub(crate) fn url_redacted(&self) -> String {
-        url::redact(&self.config.url)
+        self.endpoints
+            .iter()
+            .map(|endpoint| endpoint.shown.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The live session, opening a new one if there is none or it was lost.
@@ -76,24 +93,49 @@ impl Broker {
         current.as_ref().filter(|s| s.is_alive()).cloned()
     }
 
-    /// Connects (one connect at a time: concurrent callers share its result).
+    /// Connects (one connect at a time: concurrent callers share its result), to the first node
+    /// of the list, from where the last one left off, that answers.
     pub(crate) async fn connect_session(&self) -> Result<Arc<Session>, lapin::Error> {
         let _single_flight = self.connecting.lock().await;
         if let Some(session) = self.live_session() {
             return Ok(session);
         }
         let config = &self.config;
-        let session = tokio::time::timeout(config.connect_timeout, Session::open(config))
-            .await
-            .map_err(|_| {
-                lapin::Error::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connection timed out",
-                ))
-            })??;
-        tracing::debug!(url = %self.url_redacted(), reply_queue = %session.reply_queue, "connected");
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
-        Ok(session)
+        let count = self.endpoints.len();
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for offset in 0..count {
+            let index = (start + offset) % count;
+            let endpoint = &self.endpoints[index];
+            let opened =
+                tokio::time::timeout(config.connect_timeout, Session::open(config, endpoint))
+                    .await
+                    .map_err(|_| {
+                        lapin::Error::from(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to {} timed out", endpoint.shown),
+                        ))
+                    })
+                    .and_then(|opened| opened);
+            match opened {
+                Ok(session) => {
+                    // After a loss, the next node is tried first: this one may be the one gone.
+                    self.next.store((index + 1) % count, Ordering::Relaxed);
+                    tracing::debug!(url = %endpoint.shown, reply_queue = %session.reply_queue, "connected");
+                    *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+                    return Ok(session);
+                }
+                Err(error) => {
+                    if count > 1 {
+                        tracing::debug!(url = %endpoint.shown, %error, "node unreachable; trying the next");
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            lapin::Error::from(std::io::Error::other("no broker URL to connect to"))
+        }))
     }
 
     /// A live session, waiting for the broker (reconnecting under [`RetryPolicy::RECONNECT`])

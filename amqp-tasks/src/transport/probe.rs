@@ -93,6 +93,30 @@ impl Session {
         }
     }
 
+    /// Whether a queue or exchange exists, asked once per session (both answers are kept).
+    pub(crate) async fn exists(&self, name: &str, entity: Entity) -> Result<bool, CallError> {
+        if self.lock_known().contains(name) {
+            return Ok(true);
+        }
+        if self.lock_absent().contains(name) {
+            return Ok(false);
+        }
+        match self.probe(name, entity).await {
+            Ok(found) => {
+                match found {
+                    Some(_) => self.lock_known().insert(name.to_owned()),
+                    None => self.lock_absent().insert(name.to_owned()),
+                };
+                Ok(found.is_some())
+            }
+            Err(error) => Err(CallError::ConnectionLost(error.to_string())),
+        }
+    }
+
+    fn lock_absent(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.absent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_known(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.known.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -8,11 +8,12 @@ use super::probe::Entity;
 use super::session::Session;
 use crate::error::CallError;
 use crate::protocol::reply::Reply;
+use crate::protocol::retry::RetryPolicy;
 use crate::protocol::{short, topology, unix_ms};
 use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// A task message ready to publish.
@@ -40,7 +41,7 @@ impl Broker {
             let session = self.connected(deadline).await?;
             let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
             session
-                .publish_confirmed(&exchange, queue, body, properties)
+                .publish_until_taken(&exchange, queue, body, properties, deadline)
                 .await
         })
         .await
@@ -59,6 +60,7 @@ impl Broker {
             Ok(session) => session,
             Err(error) => return messages.iter().map(|_| Err(error.clone())).collect(),
         };
+        let channel = session.publisher();
         let mut started = Vec::with_capacity(messages.len());
         for message in messages {
             let routed = self
@@ -66,7 +68,13 @@ impl Broker {
                 .await;
             let confirm = match routed {
                 Ok((exchange, properties)) => session
-                    .start_publish(&exchange, &message.queue, &message.body, properties)
+                    .start_publish(
+                        &channel,
+                        &exchange,
+                        &message.queue,
+                        &message.body,
+                        properties,
+                    )
                     .await
                     .map(|confirm| (confirm, exchange)),
                 Err(error) => Err(error),
@@ -83,6 +91,14 @@ impl Broker {
                 }
                 Err(error) => Err(error),
             });
+        }
+        if results
+            .iter()
+            .any(|result| matches!(result, Err(CallError::Rejected(reason)) if reason == NACKED))
+        {
+            // Reported as they are (a batch is not sent again), but the next publishes go to a
+            // fresh channel: the nacking one may be stuck.
+            session.renew_publisher(&channel).await;
         }
         results
     }
@@ -104,7 +120,7 @@ impl Broker {
                 .with_correlation_id(short(&pending.correlation_id));
             let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
             session
-                .publish_confirmed(&exchange, queue, body, properties)
+                .publish_until_taken(&exchange, queue, body, properties, deadline)
                 .await?;
             let mut pending = pending;
             (&mut pending.receiver)
@@ -138,11 +154,19 @@ impl Broker {
         properties: BasicProperties,
         bucket: u64,
     ) -> Result<(String, BasicProperties), CallError> {
-        let exchange = topology::delay_exchange(self.config.namespace.as_deref());
         // A delayed message is routed by the broker later, when nobody is told about a missing
-        // queue: check now that the task queue and the delay queues exist.
+        // queue: check now that the task queue and the delay queues exist. The quorum delay set
+        // is used where its workers declared it.
         session.ensure_exists(queue, Entity::Queue).await?;
-        session.ensure_exists(&exchange, Entity::Exchange).await?;
+        let namespace = self.config.namespace.as_deref();
+        let quorum = topology::delay_exchange_of(namespace, topology::QueueType::Quorum);
+        let exchange = if session.exists(&quorum, Entity::Exchange).await? {
+            quorum
+        } else {
+            let classic = topology::delay_exchange(namespace);
+            session.ensure_exists(&classic, Entity::Exchange).await?;
+            classic
+        };
         let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(
             topology::DELAY_BUCKET_HEADER.into(),
@@ -152,31 +176,66 @@ impl Broker {
     }
 }
 
+/// What a nack says: the broker did not take the message (a quorum queue electing its leader,
+/// say). It is sent again, for a while: [`NACK_PATIENCE`].
+const NACKED: &str = "the broker nacked the message";
+/// How long nacked publishes are sent again (within the caller's deadline): long enough for a
+/// quorum queue's leader election, short enough that a queue that refuses for good (full, with
+/// `reject-publish`) is reported soon.
+const NACK_PATIENCE: Duration = Duration::from_secs(5);
+
 impl Session {
-    /// Publishes with `mandatory` and awaits the confirm.
-    pub(crate) async fn publish_confirmed(
+    /// Publishes with `mandatory`, awaits the confirm, and publishes again a message the broker
+    /// nacked (a momentary refusal), with a backoff, for at most [`NACK_PATIENCE`] and never past
+    /// `deadline`.
+    pub(crate) async fn publish_until_taken(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
+        deadline: Instant,
     ) -> Result<(), CallError> {
-        let confirm = self
-            .start_publish(exchange, routing_key, body, properties)
-            .await?;
-        self.confirmed(confirm, exchange, routing_key).await
+        let give_up = deadline.min(Instant::now() + NACK_PATIENCE);
+        let mut attempt = 0;
+        loop {
+            let channel = self.publisher();
+            let result = match self
+                .start_publish(&channel, exchange, routing_key, body, properties.clone())
+                .await
+            {
+                Ok(confirm) => self.confirmed(confirm, exchange, routing_key).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Err(CallError::Rejected(reason)) if reason == NACKED => {
+                    // The next attempt goes to a fresh channel: the nacking one may be stuck.
+                    self.renew_publisher(&channel).await;
+                    attempt += 1;
+                    let wait = RetryPolicy::RECONNECT.delay(attempt);
+                    if Instant::now() + wait >= give_up {
+                        return Err(CallError::Rejected(reason));
+                    }
+                    tracing::debug!(exchange, routing_key, retry_in = ?wait, "the broker nacked a message; sending it again");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
     }
 
-    /// Hands a `mandatory` publish to lapin; its confirm is awaited separately, so that many
-    /// publishes can be in flight at once.
-    pub(crate) async fn start_publish(
+    /// Hands a `mandatory` publish to lapin on `channel` (one of this session's publisher
+    /// channels); its confirm is awaited separately, so that many publishes can be in flight at
+    /// once.
+    async fn start_publish(
         &self,
+        channel: &lapin::Channel,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, CallError> {
-        self.publisher
+        channel
             .basic_publish(
                 short(exchange),
                 short(routing_key),
@@ -216,9 +275,7 @@ impl Session {
                     )))
                 }
             }
-            Confirmation::Nack(None) => Err(CallError::Rejected(
-                "the broker nacked the message".to_owned(),
-            )),
+            Confirmation::Nack(None) => Err(CallError::Rejected(NACKED.to_owned())),
         }
     }
 

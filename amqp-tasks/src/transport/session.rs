@@ -3,46 +3,57 @@
 //! session is a new connection with a new reply queue; the [`Broker`](super::Broker) decides when.
 
 use super::replies::{self, Pending};
-use super::url;
+use super::tls::Tls;
+use super::url::Endpoint;
 use super::{BrokerConfig, next};
 use crate::protocol::topology;
 use futures_core::Stream;
 use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio::sync::watch;
 
 /// One connection with its publisher channel (confirms on) and reply queue.
 pub(crate) struct Session {
     pub(crate) connection: Connection,
-    pub(super) publisher: Channel,
+    /// Replaced by a fresh channel when the broker nacks a publish (see
+    /// [`Session::renew_publisher`]).
+    pub(super) publisher: RwLock<Channel>,
+    /// Held while a publisher channel is replaced; when it last was.
+    pub(super) renewal: tokio::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) reply_queue: String,
     pub(super) pending: Mutex<Pending>,
     /// Queues and exchanges known to exist (checked before a delayed publish).
     pub(super) known: Mutex<HashSet<String>>,
+    /// Those known not to (only where absence chooses between two, not an error).
+    pub(super) absent: Mutex<HashSet<String>>,
     pub(super) next_correlation: AtomicU64,
     /// Prefixes this session's correlation ids: random, so that nobody who has not seen a request
     /// can forge a reply to it.
     pub(super) correlation_secret: String,
     pub(super) lost: watch::Sender<Option<String>>,
+    /// The node's URL, password redacted.
+    pub(crate) url: String,
 }
 
 impl Session {
-    pub(crate) async fn open(config: &BrokerConfig) -> Result<Arc<Session>, lapin::Error> {
+    pub(crate) async fn open(
+        config: &BrokerConfig,
+        endpoint: &Endpoint,
+    ) -> Result<Arc<Session>, lapin::Error> {
         let properties = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
-        let uri = url::parse(&config.url).map_err(|error| {
-            lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, error))
-        })?;
-        let connection = Connection::connect_uri(uri, properties).await?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let connection = match &endpoint.tls {
+            None => Connection::connect_uri(endpoint.uri.clone(), properties).await?,
+            Some(tls) => connect_tls(endpoint, tls, properties).await?,
+        };
+        let publisher = open_publisher(&connection).await?;
 
         // Named here, fresh per connection: a broker-named (`amq.gen-…`) or reused name breaks
         // re-declaring it after a reconnect.
@@ -76,11 +87,14 @@ impl Session {
 
         let (lost, _) = watch::channel(None);
         let session = Arc::new(Session {
-            publisher,
+            publisher: RwLock::new(publisher),
+            renewal: tokio::sync::Mutex::new(None),
             reply_queue,
             pending: Mutex::new(Pending::default()),
             known: Mutex::new(HashSet::new()),
+            absent: Mutex::new(HashSet::new()),
             next_correlation: AtomicU64::new(1),
+            url: endpoint.shown.clone(),
             correlation_secret: uuid::Uuid::new_v4().simple().to_string(),
             lost,
             connection,
@@ -96,6 +110,64 @@ impl Session {
             session.lost.subscribe(),
         ));
         Ok(session)
+    }
+
+    /// The channel publishes go to now.
+    pub(super) fn publisher(&self) -> Channel {
+        self.publisher
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the publisher channel that had a publish nacked, unless that was done already
+    /// (or less than a second ago). Why: a RabbitMQ channel keeps, per quorum queue, the state of
+    /// its enqueuer; after a leader change during a node's restart that state can stay stuck,
+    /// and the channel then has every publish to that queue nacked (measured on 3.10: minutes),
+    /// while a fresh channel on the same connection is taken at once. The old channel is closed
+    /// once publishes still in flight on it have had their confirms.
+    pub(super) async fn renew_publisher(&self, nacked: &Channel) {
+        const RENEWAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+        let mut renewal = self.renewal.lock().await;
+        if self.publisher().id() != nacked.id()
+            || renewal.is_some_and(|at| at.elapsed() < RENEWAL_INTERVAL)
+        {
+            return;
+        }
+        *renewal = Some(std::time::Instant::now());
+        let opened = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            open_publisher(&self.connection),
+        )
+        .await;
+        let fresh = match opened {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not open a fresh publisher channel");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("opening a fresh publisher channel timed out");
+                return;
+            }
+        };
+        tracing::debug!(
+            old = nacked.id(),
+            new = fresh.id(),
+            "publisher channel replaced after a nack"
+        );
+        let old = std::mem::replace(
+            &mut *self.publisher.write().unwrap_or_else(|e| e.into_inner()),
+            fresh,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                old.close(200, "replaced".into()),
+            )
+            .await;
+        });
     }
 
     /// The negotiated `frame_max`: what one content-header frame (properties and headers) of
@@ -163,6 +235,42 @@ impl Session {
             .close(200, "closed by amqp-tasks".into())
             .await;
     }
+}
+
+/// Connects over TLS with this crate's rustls configuration (lapin's own TLS settings cannot say
+/// `verify_none` or another server name).
+/// A channel with publisher confirms on.
+async fn open_publisher(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+async fn connect_tls(
+    endpoint: &Endpoint,
+    tls: &Tls,
+    properties: ConnectionProperties,
+) -> Result<Connection, lapin::Error> {
+    if tls.unverified {
+        tracing::warn!(url = %endpoint.shown, "verify=verify_none: the broker's certificate is not checked");
+    }
+    let runtime = lapin::runtime::default_runtime()?;
+    let connector = RustlsConnector::from(tls.config.clone());
+    let server_name = tls.server_name.clone();
+    Connection::connector(
+        endpoint.uri.clone(),
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let address = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+            let stream = AsyncTcpStream::connect(&runtime, address).await?;
+            let stream = stream.into_rustls(&connector, &server_name).await?;
+            Ok(stream)
+        },
+        properties,
+    )
+    .await
 }
 
 pub(super) async fn watch_connection(

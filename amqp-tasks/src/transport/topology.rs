@@ -3,8 +3,8 @@
 //! that declares; clients never call it (they publish with `mandatory` instead).
 
 use crate::protocol::topology::{
-    DELAY_BUCKETS_MS, QueueType, dead_letter_queue, delay_binding, delay_exchange, delay_queue,
-    delay_queue_arguments, redelivered_queue, task_queue_arguments,
+    DELAY_BUCKETS_MS, QueueType, dead_letter_queue, delay_binding, delay_exchange_of,
+    delay_queue_arguments, delay_queue_of, redelivered_queue, task_queue_arguments,
 };
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -14,8 +14,9 @@ use lapin::{Channel, ExchangeKind};
 pub(crate) async fn declare_delays(
     channel: &Channel,
     namespace: Option<&str>,
+    queue_type: QueueType,
 ) -> Result<(), lapin::Error> {
-    let exchange = delay_exchange(namespace);
+    let exchange = delay_exchange_of(namespace, queue_type);
     channel
         .exchange_declare(
             exchange.as_str().into(),
@@ -28,12 +29,12 @@ pub(crate) async fn declare_delays(
         )
         .await?;
     for bucket in DELAY_BUCKETS_MS {
-        let queue = delay_queue(namespace, bucket);
+        let queue = delay_queue_of(namespace, bucket, queue_type);
         channel
             .queue_declare(
                 queue.as_str().into(),
                 QueueDeclareOptions::durable(),
-                delay_queue_arguments(bucket),
+                delay_queue_arguments(bucket, queue_type),
             )
             .await?;
         channel

@@ -239,9 +239,10 @@ fn redelivered<'a>(
     codec: Option<Codec>,
     id: &str,
 ) -> Disposition<'a> {
-    // The copy waits in the shortest delay queue: by the time it can run (and perhaps kill this
-    // process), the original's ack has reached the broker, so no second copy comes back.
-    let soon = unix_ms(SystemTime::now()) + DELAY_RESOLUTION.as_millis() as u64;
+    // The copy waits in the delay queues (at least 200 ms: what remains of 300 ms is routed to
+    // the 200 ms bucket, never straight to the lane): by the time it can run (and perhaps kill
+    // this process), the original's ack has reached the broker, so no second copy comes back.
+    let soon = unix_ms(SystemTime::now()) + 3 * DELAY_RESOLUTION.as_millis() as u64;
     headers.eta_ms = Some(headers.eta_ms.map_or(soon, |eta| eta.max(soon)));
     match queue.lane {
         Lane::Main => {

@@ -77,9 +77,13 @@ pub(crate) async fn open_consumers(
         .create_channel()
         .await
         .map_err(broker("opening a channel".to_owned()))?;
-    declare_delays(&channel, shared.client.namespace())
-        .await
-        .map_err(broker("declaring the delay queues".to_owned()))?;
+    declare_delays(
+        &channel,
+        shared.client.namespace(),
+        shared.settings.queue_type,
+    )
+    .await
+    .map_err(broker("declaring the delay queues".to_owned()))?;
     close(&channel, "declared").await;
     let budget = HeaderBudget::for_frame_max(session.frame_max());
     for (queue, tasks) in queues {

@@ -208,6 +208,7 @@ impl Worker {
             first = false;
             attempt = 0;
             tracing::info!(
+                node = %session.url,
                 "worker ready: consuming {} queue(s) and their redelivered lanes",
                 consumers.len() / 2
             );
@@ -325,7 +326,7 @@ impl Worker {
             .create_channel()
             .await
             .map_err(broker("opening a channel".to_owned()))?;
-        declare_delays(&channel, client.namespace())
+        declare_delays(&channel, client.namespace(), self.settings.queue_type)
             .await
             .map_err(broker("declaring the delay queues".to_owned()))?;
         let mut queues: Vec<String> = self
