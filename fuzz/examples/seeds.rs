@@ -169,16 +169,46 @@ fn tables() -> Vec<(&'static str, FieldTable)> {
                 ),
             ]),
         ),
-        // Larger than the 4 KiB and 32 KiB frames' budgets: fitting must drop or cut.
+        // Larger than the 4 KiB frame's budget (1 KiB of headers), within the fuzzers' -max_len
+        // (8 KiB): fitting must drop foreign headers, cut the history, keep the task.
         (
             "long-errors",
-            table(vec![("task", long("t")), ("errors", errors(40, 1_000))]),
+            table(vec![
+                ("task", long("t")),
+                ("x-foreign", long("f")),
+                ("errors", errors(5, 1_000)),
+            ]),
         ),
+        (
+            "big-foreign",
+            table(vec![
+                ("task", long("t")),
+                ("x-a", long(&"a".repeat(700))),
+                ("x-b", AMQPValue::ByteArray(vec![7; 900].into())),
+                (
+                    "x-c",
+                    AMQPValue::FieldArray(vec![long(&"c".repeat(600))].into()),
+                ),
+                ("x-small", long("s")),
+            ]),
+        ),
+        (
+            "big-task",
+            table(vec![
+                ("task", long(&"t".repeat(3_000))),
+                ("x-small", long("s")),
+            ]),
+        ),
+        // Larger than the 32 KiB and 128 KiB frames' budgets too (replayed by the tests; past the
+        // fuzzers' -max_len).
         (
             "huge-task",
             table(vec![("task", long(&"t".repeat(40_000)))]),
         ),
-        // Larger than the 128 KiB frame's budget too.
+        (
+            "huge-errors",
+            table(vec![("task", long("t")), ("errors", errors(40, 1_000))]),
+        ),
         (
             "huge-header",
             table(vec![
