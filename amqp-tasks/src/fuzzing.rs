@@ -27,6 +27,12 @@ pub fn headers(bytes: &[u8]) {
     if headers.wire == Some(WIRE_VERSION) {
         again.wire = headers.wire;
     }
+    // The broker's `x-delivery-count` belongs to the delivery it came with: a copy never carries it.
+    assert_eq!(
+        again.delivery_count, None,
+        "a rewrite kept x-delivery-count"
+    );
+    again.delivery_count = headers.delivery_count;
     assert_eq!(
         again, headers,
         "headers read back differently after a rewrite"
