@@ -18,6 +18,8 @@ pub struct Task {
     pub json: bool,
     /// The `Context` parameter, when the function takes one first.
     pub context: Option<Ident>,
+    /// The `State<T>` parameters, after the `Context` and before the arguments.
+    pub states: Vec<StateParam>,
     pub params: Vec<Param>,
     pub output: Output,
 }
@@ -25,6 +27,12 @@ pub struct Task {
 pub struct Param {
     pub ident: Ident,
     pub ty: Type,
+}
+
+/// A `State<T>` parameter: its name, and `T`.
+pub struct StateParam {
+    pub ident: Ident,
+    pub inner: Type,
 }
 
 pub struct Output {
@@ -92,7 +100,9 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
     }
 
     let mut context = None;
-    let mut params = Vec::new();
+    let mut states = Vec::new();
+    let mut params: Vec<Param> = Vec::new();
+    let mut contexts = 0;
     for (position, input) in sig.inputs.iter().enumerate() {
         let typed = match input {
             FnArg::Receiver(receiver) => {
@@ -123,7 +133,16 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
             }
         };
         if is_context(&typed.ty) {
-            if position != 0 {
+            contexts += 1;
+            if contexts > 1 {
+                combine(
+                    &mut errors,
+                    syn::Error::new(
+                        typed.ty.span(),
+                        "a task takes at most one `Context`: remove this one",
+                    ),
+                );
+            } else if position != 0 {
                 combine(
                     &mut errors,
                     syn::Error::new(
@@ -142,6 +161,30 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
                 );
             } else {
                 context = Some(ident);
+            }
+            continue;
+        }
+        if let Some(inner) = state_type(&typed.ty) {
+            if item.body.is_none() {
+                combine(
+                    &mut errors,
+                    syn::Error::new(
+                        typed.ty.span(),
+                        "declare a task served elsewhere without its `State` parameters: the \
+                         caller does not send them",
+                    ),
+                );
+            } else if !params.is_empty() {
+                combine(
+                    &mut errors,
+                    syn::Error::new(
+                        typed.ty.span(),
+                        "`State` parameters come before the task's arguments (after the \
+                         `Context`, if any): move this one up",
+                    ),
+                );
+            } else {
+                states.push(StateParam { ident, inner });
             }
             continue;
         }
@@ -242,6 +285,7 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         backoff_ms,
         json,
         context,
+        states,
         params,
         output,
     })
@@ -267,6 +311,26 @@ fn is_context(ty: &Type) -> bool {
             .last()
             .is_some_and(|segment| segment.ident == "Context" && segment.arguments.is_empty()),
         _ => false,
+    }
+}
+
+/// `State<T>` (any path ending in `State` with one type argument, as the macro cannot resolve
+/// imports): `T`. A `State` of another shape is an ordinary argument type (the user's own).
+fn state_type(ty: &Type) -> Option<Type> {
+    let Type::Path(path) = ty else { return None };
+    if path.qself.is_some() {
+        return None;
+    }
+    let last = path.path.segments.last()?;
+    if last.ident != "State" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.iter().collect::<Vec<_>>().as_slice() {
+        [GenericArgument::Type(inner)] => Some(inner.clone()),
+        _ => None,
     }
 }
 
@@ -494,6 +558,73 @@ mod tests {
         .err()
         .unwrap();
         assert!(declared.to_string().contains("without its `Context`"));
+    }
+
+    #[test]
+    fn states_come_between_context_and_arguments() {
+        let task = checked(
+            quote!(),
+            quote!(
+                async fn f(ctx: Context, db: State<Db>, http: amqp_tasks::State<Http>, x: i64) {}
+            ),
+        )
+        .unwrap();
+        assert_eq!(task.context.unwrap(), "ctx");
+        let states: Vec<String> = task.states.iter().map(|s| s.ident.to_string()).collect();
+        assert_eq!(states, ["db", "http"]);
+        assert_eq!(task.params.len(), 1);
+        assert_eq!(task.params[0].ident, "x");
+
+        // The user's own `State` type (no type argument) is an ordinary argument.
+        let task = checked(
+            quote!(),
+            quote!(
+                async fn g(state: State, x: i64) {}
+            ),
+        )
+        .unwrap();
+        assert!(task.states.is_empty());
+        assert_eq!(task.params.len(), 2);
+    }
+
+    #[test]
+    fn states_misplaced_declared_or_twice_a_context() {
+        let late = checked(
+            quote!(),
+            quote!(
+                async fn f(x: i64, db: State<Db>) {}
+            ),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            late.to_string().contains("before the task's arguments"),
+            "{late}"
+        );
+        let declared = checked(
+            quote!(),
+            quote!(
+                async fn f(db: State<Db>, x: i64);
+            ),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            declared.to_string().contains("without its `State`"),
+            "{declared}"
+        );
+        let twice = checked(
+            quote!(),
+            quote!(
+                async fn f(a: Context, b: Context) {}
+            ),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            twice.to_string().contains("at most one `Context`"),
+            "{twice}"
+        );
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub fn expand(task: &Task) -> TokenStream {
          [`TaskCall::call`](::amqp_tasks::TaskCall::call)."
     );
 
+    let state_idents: Vec<_> = task.states.iter().map(|s| &s.ident).collect();
+    let state_tys: Vec<_> = task.states.iter().map(|s| &s.inner).collect();
+    let state_texts: Vec<String> = state_tys.iter().map(|ty| type_text(ty)).collect();
+
     let assertions = {
         let args = tys.iter().map(
             |ty| quote_spanned!(ty.span()=> ::amqp_tasks::__private::assert_argument::<#ty>();),
@@ -200,6 +204,20 @@ pub fn expand(task: &Task) -> TokenStream {
             ) -> ::core::result::Result<Self::Args, ::amqp_tasks::CodecError> {
                 ::core::result::Result::Ok((#(reader.arg::<#tys>(#keys)?,)*))
             }
+
+            #[allow(clippy::needless_borrow)]
+            fn error_message(error: &<Self as ::amqp_tasks::Task>::Error) -> ::std::string::String {
+                #[allow(unused_imports)]
+                use ::amqp_tasks::__private::message::{ViaDebug as _, ViaDisplay as _, ViaTypeName as _};
+                (&&&::amqp_tasks::__private::message::Message(error)).text()
+            }
+
+            #[allow(clippy::needless_borrow)]
+            fn should_retry(error: &<Self as ::amqp_tasks::Task>::Error) -> bool {
+                #[allow(unused_imports)]
+                use ::amqp_tasks::__private::retry::{AskTheError as _, RetryAll as _};
+                (&&::amqp_tasks::__private::retry::Check(error)).should_retry()
+            }
         }
     };
 
@@ -214,7 +232,8 @@ pub fn expand(task: &Task) -> TokenStream {
     let ctx = format_ident!("__amqp_tasks_ctx");
     let args = format_ident!("__amqp_tasks_args");
     let ctx_arg = task.context.as_ref().map(|_| quote!(#ctx,));
-    let invoke = quote_spanned!(ident.span()=> #ident(#ctx_arg #(#idents),*).await);
+    let invoke =
+        quote_spanned!(ident.span()=> #ident(#ctx_arg #(#state_idents,)* #(#idents),*).await);
     let result = if task.output.fallible.is_some() {
         invoke
     } else {
@@ -229,32 +248,35 @@ pub fn expand(task: &Task) -> TokenStream {
 
         #(#cfgs)*
         impl ::amqp_tasks::__private::Handler for #ident {
+            const STATES: &'static [::amqp_tasks::__private::StateNeed] = &[
+                #(::amqp_tasks::__private::StateNeed {
+                    type_id: ::core::any::TypeId::of::<#state_tys>,
+                    name: #state_texts,
+                },)*
+            ];
+
             #[allow(unused_variables)]
             fn run(
                 #ctx: ::amqp_tasks::Context,
                 #args: <Self as ::amqp_tasks::Task>::Args,
-            ) -> impl ::core::future::Future<
-                Output = ::core::result::Result<
-                    <Self as ::amqp_tasks::Task>::Output,
-                    <Self as ::amqp_tasks::Task>::Error,
-                >,
-            > + ::core::marker::Send + 'static {
+            ) -> ::core::result::Result<
+                impl ::core::future::Future<
+                    Output = ::core::result::Result<
+                        <Self as ::amqp_tasks::Task>::Output,
+                        <Self as ::amqp_tasks::Task>::Error,
+                    >,
+                > + ::core::marker::Send + 'static,
+                ::amqp_tasks::__private::MissingState,
+            > {
                 let (#(#idents,)*) = #args;
-                #run_future
-            }
-
-            #[allow(clippy::needless_borrow)]
-            fn error_message(error: &<Self as ::amqp_tasks::Task>::Error) -> ::std::string::String {
-                #[allow(unused_imports)]
-                use ::amqp_tasks::__private::message::{ViaDebug as _, ViaDisplay as _, ViaTypeName as _};
-                (&&&::amqp_tasks::__private::message::Message(error)).text()
-            }
-
-            #[allow(clippy::needless_borrow)]
-            fn should_retry(error: &<Self as ::amqp_tasks::Task>::Error) -> bool {
-                #[allow(unused_imports)]
-                use ::amqp_tasks::__private::retry::{AskTheError as _, RetryAll as _};
-                (&&::amqp_tasks::__private::retry::Check(error)).should_retry()
+                #(
+                    let #state_idents = ::amqp_tasks::__private::state::<#state_tys>(
+                        &#ctx,
+                        #name,
+                        #state_texts,
+                    )?;
+                )*
+                ::core::result::Result::Ok(#run_future)
             }
         }
 
@@ -375,6 +397,31 @@ mod tests {
         );
         assert!(out.contains("fn new (xs : Vec < i64 >)"), "{out}");
         assert!(out.contains("avg (__amqp_tasks_ctx , xs) . await"), "{out}");
+    }
+
+    #[test]
+    fn states_are_taken_from_the_context_not_the_stub() {
+        let out = expanded(
+            quote!(),
+            quote!(
+                async fn charge(ctx: Context, db: State<Db>, order: Order) -> u8 {
+                    0
+                }
+            ),
+        );
+        assert!(out.contains("fn new (order : Order)"), "{out}");
+        assert!(out.contains("type Args = (Order ,)"), "{out}");
+        assert!(out.contains("TypeId :: of :: < Db >"), "{out}");
+        assert!(
+            out.contains("state :: < Db > (& __amqp_tasks_ctx , \"charge\" , \"Db\" ,) ?"),
+            "{out}"
+        );
+        assert!(
+            out.contains("charge (__amqp_tasks_ctx , db , order) . await"),
+            "{out}"
+        );
+        // The fingerprint is of the arguments only.
+        assert!(out.contains("[\"(Order,)\" , \"u8\" , \"\"]"), "{out}");
     }
 
     #[test]

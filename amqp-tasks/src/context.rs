@@ -5,6 +5,7 @@
 use crate::client::Client;
 use crate::client::caller::{Origin, Parent, Slot, sealed};
 use crate::protocol::trace::TraceParent;
+use crate::state::{State, States};
 use crate::task::TaskId;
 use std::fmt;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub struct Context {
 
 struct Inner {
     client: Client,
+    states: Arc<States>,
     parent: Parent,
     task_name: &'static str,
     attempt: u32,
@@ -34,6 +36,8 @@ struct Inner {
 /// What the worker knows of a task it is about to run.
 pub(crate) struct ContextParts {
     pub(crate) client: Client,
+    /// What the worker was given for its tasks' `State` parameters.
+    pub(crate) states: Arc<States>,
     pub(crate) task_id: TaskId,
     pub(crate) task_name: &'static str,
     pub(crate) attempt: u32,
@@ -51,6 +55,7 @@ impl Context {
         Context {
             inner: Arc::new(Inner {
                 client: parts.client,
+                states: parts.states,
                 parent: Parent {
                     task_id: parts.task_id,
                     root_id,
@@ -66,11 +71,13 @@ impl Context {
         }
     }
 
-    /// A context for running a task function directly, outside a worker (in a unit test of a
-    /// relay, say): a fresh task id and trace, no deadline.
+    /// A context for running a task function directly, outside a worker: a fresh task id and
+    /// trace, no deadline, no states. [`testing::TestWorker`](crate::testing::TestWorker) runs
+    /// tasks as a worker would, states and all.
     pub fn detached(client: &Client) -> Context {
         Context::new(ContextParts {
             client: client.clone(),
+            states: Arc::default(),
             task_id: TaskId::new(),
             task_name: "",
             attempt: 1,
@@ -132,6 +139,11 @@ impl Context {
     /// The client this task's worker uses, to send tasks without inheriting anything.
     pub fn client(&self) -> &Client {
         &self.inner.client
+    }
+
+    /// The worker's state of type `T`, if it was given one.
+    pub(crate) fn state<T: Send + Sync + 'static>(&self) -> Option<State<T>> {
+        self.inner.states.get::<T>()
     }
 }
 

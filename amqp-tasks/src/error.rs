@@ -199,6 +199,17 @@ pub enum Error {
     /// The worker would serve no task.
     #[error("{0}")]
     NoTasks(String),
+    /// The set-up given to [`worker::main_with`](crate::worker::main_with) failed.
+    #[error("the worker's set-up failed: {0}")]
+    Setup(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A task takes a `State<T>` that the worker was not given.
+    #[error("task \"{task}\" needs State<{state}>: add it with WorkerBuilder::state")]
+    MissingState {
+        /// The task.
+        task: String,
+        /// The state's type, as written in the task.
+        state: String,
+    },
     /// The grace period ran out before the tasks in flight finished; they will be redelivered.
     #[error(
         "shutdown grace period of {0:?} ran out with {1} task(s) still running; they will be redelivered"

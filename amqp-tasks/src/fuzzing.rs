@@ -133,4 +133,12 @@ impl Task for Sample {
             reader.arg("limit")?,
         ))
     }
+
+    fn error_message(error: &String) -> String {
+        error.clone()
+    }
+
+    fn should_retry(_: &String) -> bool {
+        false
+    }
 }

@@ -1,25 +1,27 @@
-//! [`Handler`]: the server side of a task with a body, which `#[task]` implements (run the
-//! function, describe its error, say whether to retry it), and [`Retryable`], by which an error
-//! type says what is worth another attempt. Running a handler is the worker's.
+//! [`Handler`]: the server side of a task with a body, which `#[task]` implements (the states it
+//! needs, and running the function with them), the support of the error descriptions `#[task]`
+//! generates for every task, and [`Retryable`], by which an error type says what is worth another
+//! attempt. Running a handler is the worker's.
 
 use crate::context::Context;
+use crate::state::{MissingState, StateNeed};
 use crate::task::Task;
 use std::future::Future;
 
 /// The server side of a task with a body: `#[task]` implements it; you do not.
 pub trait Handler: Task {
-    /// Runs the task function with decoded arguments.
+    /// The `State<T>` parameters it takes, which a worker must be given.
+    const STATES: &'static [StateNeed];
+
+    /// Takes the task's states from the context, then runs the task function with the decoded
+    /// arguments; a missing state is an error before anything runs.
     fn run(
         ctx: Context,
         args: Self::Args,
-    ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send + 'static;
-
-    /// A human message for the task's error: its `Display`, else its `Debug`, else its type name.
-    fn error_message(error: &Self::Error) -> String;
-
-    /// Whether this error is worth another attempt: what [`Retryable`] says where the error type
-    /// implements it, yes otherwise.
-    fn should_retry(error: &Self::Error) -> bool;
+    ) -> Result<
+        impl Future<Output = Result<Self::Output, Self::Error>> + Send + 'static,
+        MissingState,
+    >;
 }
 
 /// Implemented by a task's error type to say which errors are worth retrying (a task with

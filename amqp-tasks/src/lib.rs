@@ -1,7 +1,7 @@
 //! Celery-like tasks for Rust over RabbitMQ, typed end to end.
 //!
-//! ```ignore
-//! use amqp_tasks::{task, CallError, Client};
+//! ```no_run
+//! use amqp_tasks::{task, Client};
 //!
 //! #[task]
 //! pub async fn add(a: i64, b: i64) -> i64 {
@@ -27,9 +27,14 @@
 //!
 //! For
 //!
-//! ```ignore
+//! ```
+//! # use amqp_tasks::task;
+//! # #[derive(Debug, serde::Serialize, serde::Deserialize)] pub enum DivError { ByZero }
 //! #[task(name = "math.div", timeout = "5s")]
-//! pub async fn div(a: i64, b: i64) -> Result<i64, DivError> { /* ... */ }
+//! pub async fn div(a: i64, b: i64) -> Result<i64, DivError> {
+//!     /* ... */
+//! #   if b == 0 { Err(DivError::ByZero) } else { Ok(a / b) }
+//! }
 //! ```
 //!
 //! it emits:
@@ -48,7 +53,11 @@
 //!
 //! Written by hand, the stub part is:
 //!
-//! ```ignore
+//! ```
+//! # use std::time::Duration;
+//! # use amqp_tasks::{Codec, CodecError, Param, Signature};
+//! # use amqp_tasks::__private::{JsonArgsReader, JsonArgsWriter};
+//! # #[derive(Debug, serde::Serialize, serde::Deserialize)] pub enum DivError { ByZero }
 //! #[allow(non_camel_case_types)]
 //! pub enum div {}
 //!
@@ -66,6 +75,25 @@
 //!     const QUEUE: &'static str = "math.div";
 //!     const TIMEOUT: Duration = Duration::from_secs(5);
 //!     // RETRIES, BACKOFF, CODEC, PARAMS, OUTPUT, signature(), write_json(), read_json()
+//! #   const RETRIES: u32 = 0;
+//! #   const BACKOFF: Duration = Duration::from_secs(1);
+//! #   const RETRY_ON_PANIC: bool = false;
+//! #   const CODEC: Codec = Codec::Bincode;
+//! #   const PARAMS: &'static [Param] = &[Param { name: "a", ty: "i64" }, Param { name: "b", ty: "i64" }];
+//! #   const OUTPUT: &'static str = "Result<i64, DivError>";
+//! #   fn signature() -> &'static Signature {
+//! #       static SIGNATURE: std::sync::OnceLock<Signature> = std::sync::OnceLock::new();
+//! #       SIGNATURE.get_or_init(|| Signature::of_task(["(i64, i64)", "i64", "DivError"], ["", "", ""]))
+//! #   }
+//! #   fn write_json(args: &Self::Args, writer: &mut JsonArgsWriter) -> Result<(), CodecError> {
+//! #       writer.arg("a", &args.0)?;
+//! #       writer.arg("b", &args.1)
+//! #   }
+//! #   fn read_json(reader: &mut JsonArgsReader) -> Result<Self::Args, CodecError> {
+//! #       Ok((reader.arg("a")?, reader.arg("b")?))
+//! #   }
+//! #   fn error_message(error: &DivError) -> String { format!("{error:?}") }
+//! #   fn should_retry(_: &DivError) -> bool { true }
 //! }
 //! ```
 //!
@@ -76,7 +104,9 @@
 //! [`task`] for each. Any other key is a compile error that lists these.
 //!
 //! Arguments and results must be `Serialize + DeserializeOwned + Send + 'static`; a first
-//! parameter of type [`Context`] is given by the worker and is not part of the stub. The function
+//! parameter of type [`Context`], and after it any [`State<T>`](State) parameters (the
+//! application's resources, given to the worker with
+//! [`WorkerBuilder::state`]), are given by the worker and are not part of the stub. The function
 //! must be `async`, without `self`, generics or patterns in its parameters: each is a compile
 //! error pointing at the offending tokens.
 //!
@@ -104,9 +134,10 @@
 //! | `transport` | one broker session: connecting and reconnecting, publishing with confirms, reply routing, probes, declaring | know about tasks |
 //! | `client` | [`Client`], [`TaskCall`], [`DynamicCall`], [`Caller`]: sending calls within their deadlines | know how tasks are served |
 //! | `worker` | [`Worker`], the [`registry`], the pipeline of a delivery (admit → execute → decide → dispose → settle), the [`worker::dlq`] tools, the `worker` command line | be imported by the layers below |
+//! | [`testing`] | [`TestWorker`](testing::TestWorker): the worker's pipeline minus the broker, behind a [`Client`] of its own | be imported by the layers below |
 //!
 //! Beside them: [`Task`] (a task's types and settings), [`Context`] (what a running task knows,
-//! a caller above the client layer), the `#[task]` support traits ([`Retryable`]) and
+//! a caller above the client layer), [`State`] (what a worker shares with its tasks), the `#[task]` support traits ([`Retryable`]) and
 //! [`Error`]/[`CallError`].
 //!
 //! # Features
@@ -133,7 +164,9 @@ mod handler;
 mod protocol;
 #[cfg(feature = "cli")]
 pub mod shell;
+mod state;
 mod task;
+pub mod testing;
 mod transport;
 pub mod wire;
 pub mod worker;
@@ -144,10 +177,15 @@ pub use worker::registry;
 
 /// Turns an `async fn` into a task.
 ///
-/// ```ignore
+/// ```
+/// # use amqp_tasks::task;
+/// # #[derive(Debug, serde::Serialize, serde::Deserialize)] pub enum DivError { ByZero }
 /// #[task(name = "math.div", queue = "math", timeout = "5s", retries = 3, backoff = "1s",
 ///        retry_on_panic = false, codec = "bincode")]
-/// pub async fn div(a: i64, b: i64) -> Result<i64, DivError> { /* ... */ }
+/// pub async fn div(a: i64, b: i64) -> Result<i64, DivError> {
+///     /* ... */
+/// #   if b == 0 { Err(DivError::ByZero) } else { Ok(a / b) }
+/// }
 /// ```
 ///
 /// Every key is optional:
@@ -168,9 +206,14 @@ pub use worker::registry;
 /// elsewhere: only the stub is generated. See the [crate documentation](crate#what-task-generates)
 /// for the hand-written equivalent.
 ///
+/// Parameters, in order: an optional [`Context`], then any [`State<T>`](State)s (one per type
+/// the task needs, given to the worker with [`WorkerBuilder::state`]; a worker without them
+/// refuses to start), then the arguments, which alone make up the stub and its signature.
+///
 /// Misuse is a compile error at the offending tokens: a function that is not `async`, takes
 /// `self`, is generic, has a pattern for a parameter, borrows an argument, puts `Context`
-/// anywhere but first, or an unknown key (the error lists the valid ones).
+/// anywhere but first or takes two, puts a `State` after an argument, shares a type that is not
+/// `Send + Sync` as state, or an unknown key (the error lists the valid ones).
 ///
 /// A task may run at most RabbitMQ's `consumer_timeout` (30 minutes by default): past it the
 /// broker closes the worker's channel and redelivers the task.
@@ -183,9 +226,15 @@ pub use context::Context;
 pub use error::{BrokerError, CallError, Error, Never};
 pub use handler::Retryable;
 pub use protocol::signature::Signature;
+pub use state::State;
 pub use task::{Param, Task, TaskId};
 pub use topology::QueueType;
 pub use worker::{Worker, WorkerBuilder};
+
+/// The README's examples, compiled as doctests so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 #[doc(hidden)]
 pub mod __private {
@@ -194,6 +243,7 @@ pub mod __private {
     pub use crate::handler::{Handler, message, retry};
     pub use crate::protocol::json_args::{JsonArgsReader, JsonArgsWriter};
     pub use crate::protocol::signature::Signature;
+    pub use crate::state::{MissingState, StateNeed, StateValue};
     pub use crate::task::{DEFAULT_BACKOFF, DEFAULT_TIMEOUT, Param};
     pub use crate::worker::registry::Registration;
     pub use inventory;
@@ -225,4 +275,16 @@ pub mod __private {
     pub fn assert_output<T: TaskOutput>() {}
     /// Spans a missing bound on the user's error type.
     pub fn assert_error<T: TaskOutput>() {}
+    /// The `State<T>` a task takes, from the context of its run (its bound spans a type that
+    /// cannot be shared state).
+    pub fn state<T: StateValue>(
+        ctx: &crate::Context,
+        task: &'static str,
+        written: &'static str,
+    ) -> Result<crate::State<T>, MissingState> {
+        ctx.state::<T>().ok_or(MissingState {
+            task,
+            state: written,
+        })
+    }
 }

@@ -19,7 +19,8 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
 /// A task's identity and types. `#[task]` implements it for the stub type it generates; you do
 /// not implement it by hand.
 pub trait Task: Send + Sync + 'static {
-    /// The arguments, as a tuple in parameter order (the `Context` parameter excluded).
+    /// The arguments, as a tuple in parameter order (the `Context` and `State` parameters
+    /// excluded).
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// What a call returns on success: `T` for a task written `-> T` or `-> Result<T, E>`.
     type Output: Serialize + DeserializeOwned + Send + 'static;
@@ -49,6 +50,14 @@ pub trait Task: Send + Sync + 'static {
     fn write_json(args: &Self::Args, writer: &mut JsonArgsWriter) -> Result<(), CodecError>;
     /// Reads the arguments from a JSON object (generated per task).
     fn read_json(reader: &mut JsonArgsReader) -> Result<Self::Args, CodecError>;
+    /// A human message for the task's error: its `Display`, else its `Debug`, else its type
+    /// name (generated per task, where the error type is concrete).
+    #[doc(hidden)]
+    fn error_message(error: &Self::Error) -> String;
+    /// Whether this error is worth another attempt: what [`Retryable`](crate::Retryable) says
+    /// where the error type implements it, yes otherwise (generated per task).
+    #[doc(hidden)]
+    fn should_retry(error: &Self::Error) -> bool;
 }
 
 /// A parameter of a task: its name (the JSON key) and its type as written.

@@ -164,6 +164,21 @@ impl TestEnv {
         )
     }
 
+    /// [`worker`](Self::worker), with more environment variables.
+    pub fn worker_with_env(
+        &self,
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
+        let mut all = vec![
+            ("AMQP_URL", self.url.as_str()),
+            ("AMQP_TASKS_NAMESPACE", self.namespace.as_str()),
+        ];
+        all.extend_from_slice(env);
+        WorkerProcess::spawn(binary, args, &all)
+    }
+
     /// Runs a command to completion in this namespace: (exit code, stdout, stderr).
     pub async fn run(&self, binary: &str, args: &[&str]) -> (i32, String, String) {
         run_command(

@@ -1,6 +1,6 @@
 //! The tasks the end-to-end tests call.
 
-use amqp_tasks::{CallError, Context, task};
+use amqp_tasks::{CallError, Context, State, task};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -444,4 +444,23 @@ pub async fn hold(ctx: Context, path: String, release: String) {
 #[task]
 pub async fn record_at(path: String, n: u64) {
     append(&path, &format!("{n} {}", now_ms()));
+}
+
+/// The greeting a worker is given as its state (`TEST_WORKER_GREETING`, default `hello, `).
+#[derive(Debug)]
+pub struct Greeting {
+    /// Put before the name.
+    pub prefix: String,
+}
+
+/// Greets with the worker's state.
+#[task]
+pub async fn greet_with(greeting: State<Greeting>, name: String) -> String {
+    format!("{}{name}", greeting.prefix)
+}
+
+/// A task with a short time limit, to call with longer timeouts and countdowns.
+#[task(timeout = "1s")]
+pub async fn quick(x: u64) -> u64 {
+    x
 }

@@ -54,7 +54,9 @@ impl<T: Task> TaskCall<T> {
         }
     }
 
-    /// Shortens the deadline of `.call()` (it cannot be longer than its default).
+    /// Sets how long `.call()` waits (default: see [`call`](TaskCall::call)). It may be longer
+    /// than the task's time limit: a call may wait in a busy queue longer than the task runs.
+    /// From a [`Context`](crate::Context), the caller's own remaining deadline still bounds it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -100,8 +102,9 @@ impl<T: Task> TaskCall<T> {
 
     /// Sends the task and awaits its result, until the deadline: by default, the task's
     /// `timeout` for each attempt it may make, plus its retry backoffs, plus one second (so that
-    /// a time-limit error can still reach the caller); shortened by [`TaskCall::timeout`] and,
-    /// from a [`Context`](crate::Context), by the caller's own remaining deadline.
+    /// a time-limit error can still reach the caller), plus its countdown if it has one; or what
+    /// [`TaskCall::timeout`] says; and, from a [`Context`](crate::Context), never past the
+    /// caller's own remaining deadline.
     pub async fn call(self, caller: &impl Caller) -> Result<T::Output, CallError<T::Error>> {
         let origin = caller.origin();
         let codec = self.codec;
@@ -260,10 +263,16 @@ pub(crate) async fn delay_batch(
 pub(crate) async fn call(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Reply, CallError> {
     let client = origin.client;
     let queue = out.address(client)?;
-    // Within what an expiration can express (a `.timeout(Duration::MAX)` is about 49 days).
+    // A call waits for the task to become due, then for it to run: the countdown is added to
+    // the default. Within what an expiration can express (a `.timeout(Duration::MAX)` is about
+    // 49 days).
+    let countdown = out
+        .eta
+        .and_then(|eta| eta.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
     let mut budget = out
         .timeout
-        .map_or(out.ceiling, |t| t.min(out.ceiling))
+        .unwrap_or_else(|| out.ceiling.saturating_add(countdown))
         .min(MAX_DELAY);
     if let Some(remaining) = origin.parent.and_then(Parent::remaining) {
         budget = budget.min(remaining);
@@ -275,7 +284,8 @@ pub(crate) async fn call(origin: &Origin<'_>, out: Outgoing<'_>) -> Result<Reply
     let eta_ms = out.eta.map(unix_ms);
     if eta_ms.is_some_and(|eta| eta >= deadline_ms) {
         return Err(CallError::Rejected(
-            "the eta is past the call's deadline: give the call a longer timeout, or `.delay()` it"
+            "the eta is past the call's deadline: give the call a `.timeout()` longer than its \
+             countdown, or `.delay()` it"
                 .to_owned(),
         ));
     }

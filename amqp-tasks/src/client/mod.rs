@@ -11,6 +11,7 @@ pub(crate) mod call;
 pub(crate) mod caller;
 pub(crate) mod dynamic;
 pub(crate) mod inspect;
+pub(crate) mod local;
 
 pub use call::TaskCall;
 pub use caller::Caller;
@@ -24,6 +25,7 @@ use crate::transport::session::Session;
 use crate::transport::url::redact;
 use crate::transport::{Broker, BrokerConfig};
 use lapin::BasicProperties;
+use local::{LocalBroker, LocalMessage};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +47,16 @@ pub struct Client {
 }
 
 struct ClientInner {
-    broker: Broker,
+    backend: Backend,
     confirm_timeout: Duration,
+}
+
+/// Where a client's messages go.
+enum Backend {
+    /// A RabbitMQ broker (or the nodes of a cluster).
+    Broker(Broker),
+    /// An in-process worker, for tests ([`testing::TestWorker`](crate::testing::TestWorker)).
+    Local(Arc<dyn LocalBroker>),
 }
 
 /// Builds a [`Client`] with options: `Client::builder(url).namespace("staging").connect().await`.
@@ -102,22 +112,19 @@ impl ClientBuilder {
                 .map_err(|e| Error::Config(format!("namespace: {e}")))?;
         }
         let broker = Broker::new(self.broker).map_err(Error::Config)?;
-        let client = Client {
-            inner: Arc::new(ClientInner {
-                broker,
-                confirm_timeout: self.confirm_timeout,
-            }),
-        };
-        client
-            .inner
-            .broker
+        broker
             .connect_session()
             .await
             .map_err(|source| Error::Connect {
-                url: client.url_redacted(),
+                url: broker.url_redacted(),
                 source: BrokerError::new(source),
             })?;
-        Ok(client)
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                backend: Backend::Broker(broker),
+                confirm_timeout: self.confirm_timeout,
+            }),
+        })
     }
 }
 
@@ -155,9 +162,26 @@ impl Client {
         }
     }
 
+    /// A client whose messages go to `local` instead of a broker.
+    pub(crate) fn local(local: Arc<dyn LocalBroker>) -> Client {
+        Client {
+            inner: Arc::new(ClientInner {
+                backend: Backend::Local(local),
+                confirm_timeout: Duration::from_secs(30),
+            }),
+        }
+    }
+
+    fn broker(&self) -> Option<&Broker> {
+        match &self.inner.backend {
+            Backend::Broker(broker) => Some(broker),
+            Backend::Local(_) => None,
+        }
+    }
+
     /// The namespace prefixed to queue names, if any.
     pub fn namespace(&self) -> Option<&str> {
-        self.inner.broker.config.namespace.as_deref()
+        self.broker()?.config.namespace.as_deref()
     }
 
     /// The broker-side name of a task queue: `queue`, or `<namespace>.queue`.
@@ -167,13 +191,15 @@ impl Client {
 
     /// The URL (or the comma-separated list of URLs) without passwords, for logs.
     pub fn url_redacted(&self) -> String {
-        self.inner.broker.url_redacted()
+        match &self.inner.backend {
+            Backend::Broker(broker) => broker.url_redacted(),
+            Backend::Local(_) => "(an in-process test worker)".to_owned(),
+        }
     }
 
     /// The node the current connection goes to (its URL, password redacted), if connected.
     pub fn connected_to(&self) -> Option<String> {
-        self.inner
-            .broker
+        self.broker()?
             .current()
             .filter(|session| session.is_alive())
             .map(|session| session.url.clone())
@@ -186,20 +212,26 @@ impl Client {
     /// How many `.call()`s are waiting for their reply on the current connection (a call that
     /// gives up, or whose future is dropped, no longer counts).
     pub fn pending_calls(&self) -> usize {
-        self.inner
-            .broker
-            .current()
+        self.broker()
+            .and_then(Broker::current)
             .map_or(0, |session| session.pending_calls())
     }
 
     /// Closes the connection; calls in flight fail with [`CallError::ConnectionLost`].
     pub async fn close(&self) {
-        self.inner.broker.close().await;
+        if let Some(broker) = self.broker() {
+            broker.close().await;
+        }
     }
 
     /// The live session, opening a new one if there is none or it was lost.
     pub(crate) async fn session(&self) -> Result<Arc<Session>, CallError> {
-        self.inner.broker.session().await
+        match &self.inner.backend {
+            Backend::Broker(broker) => broker.session().await,
+            Backend::Local(_) => Err(CallError::ConnectionLost(
+                "this client is backed by an in-process test worker, not a broker".to_owned(),
+            )),
+        }
     }
 
     /// Publishes a task message (see [`Broker::publish`]).
@@ -211,10 +243,23 @@ impl Client {
         eta_ms: Option<u64>,
         deadline: Instant,
     ) -> Result<(), CallError> {
-        self.inner
-            .broker
-            .publish(queue, body, properties, eta_ms, deadline)
-            .await
+        match &self.inner.backend {
+            Backend::Broker(broker) => {
+                broker
+                    .publish(queue, body, properties, eta_ms, deadline)
+                    .await
+            }
+            Backend::Local(local) => {
+                local
+                    .publish(LocalMessage {
+                        queue: queue.to_owned(),
+                        body: body.to_vec(),
+                        properties,
+                        eta_ms,
+                    })
+                    .await
+            }
+        }
     }
 
     pub(crate) async fn publish_batch(
@@ -222,7 +267,25 @@ impl Client {
         messages: Vec<Message>,
         deadline: Instant,
     ) -> Vec<Result<(), CallError>> {
-        self.inner.broker.publish_batch(messages, deadline).await
+        match &self.inner.backend {
+            Backend::Broker(broker) => broker.publish_batch(messages, deadline).await,
+            Backend::Local(local) => {
+                let mut results = Vec::with_capacity(messages.len());
+                for message in messages {
+                    results.push(
+                        local
+                            .publish(LocalMessage {
+                                queue: message.queue,
+                                body: message.body,
+                                properties: message.properties,
+                                eta_ms: message.eta_ms,
+                            })
+                            .await,
+                    );
+                }
+                results
+            }
+        }
     }
 
     pub(crate) async fn request(
@@ -233,10 +296,24 @@ impl Client {
         eta_ms: Option<u64>,
         deadline: Instant,
     ) -> Result<crate::protocol::reply::Reply, CallError> {
-        self.inner
-            .broker
-            .request(queue, body, properties, eta_ms, deadline)
-            .await
+        match &self.inner.backend {
+            Backend::Broker(broker) => {
+                broker
+                    .request(queue, body, properties, eta_ms, deadline)
+                    .await
+            }
+            Backend::Local(local) => {
+                let message = LocalMessage {
+                    queue: queue.to_owned(),
+                    body: body.to_vec(),
+                    properties,
+                    eta_ms,
+                };
+                tokio::time::timeout_at(deadline, local.request(message, deadline))
+                    .await
+                    .unwrap_or(Err(CallError::Timeout))
+            }
+        }
     }
 }
 

@@ -31,10 +31,10 @@ mod tests {
     use crate::Task;
 
     /// The attribute reads durations as the command line does.
-    #[crate::task(timeout = "1h 30m", backoff = "250ms")]
+    #[amqp_tasks::task(timeout = "1h 30m", backoff = "250ms")]
     async fn long_running() {}
 
-    #[crate::task(timeout = 45)]
+    #[amqp_tasks::task(timeout = 45)]
     async fn in_seconds() {}
 
     #[test]

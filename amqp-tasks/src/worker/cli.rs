@@ -1,11 +1,12 @@
 //! The `worker` binary's command line: `fn main() -> ExitCode { amqp_tasks::worker::main() }`
 //! (behind the default feature `cli`).
 
-use super::{Worker, registry};
+use super::{Worker, WorkerBuilder, registry};
 use crate::client::{Client, DEFAULT_URL};
 use crate::protocol::duration::{self, human};
 use crate::protocol::topology::{self, QueueType};
 use clap::Parser;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -90,7 +91,34 @@ enum DlqAction {
 /// through `tracing` (`RUST_LOG`, default `info`) to stderr, serves until SIGINT or SIGTERM, and
 /// drains. Exit codes: 0 after a clean drain, 1 on a configuration or broker error, 2 on a
 /// command-line error, 3 when the grace period ran out, 130 on a second signal.
+///
+/// For tasks that take `State` parameters, use [`main_with`].
 pub fn main() -> ExitCode {
+    main_with(|worker| async move { Ok(worker) })
+}
+
+/// What the set-up closure of [`main_with`] returns.
+pub type SetupResult = Result<WorkerBuilder, Box<dyn std::error::Error + Send + Sync>>;
+
+/// [`main`] with an async set-up: it receives the worker's builder, configured from the command
+/// line and connected, and returns it with what the tasks need (their
+/// [`state`](WorkerBuilder::state)s). Same flags and environment as `main`; `--help`, `--list`
+/// and the administrative commands (`dlq`, `declare`) do not run it. An error it returns is
+/// printed, and the process exits with 1.
+///
+/// ```no_run
+/// # struct Db; impl Db { async fn connect() -> Result<Db, std::io::Error> { Ok(Db) } }
+/// fn main() -> std::process::ExitCode {
+///     amqp_tasks::worker::main_with(|worker| async move {
+///         Ok(worker.state(Db::connect().await?))
+///     })
+/// }
+/// ```
+pub fn main_with<F, Fut>(setup: F) -> ExitCode
+where
+    F: FnOnce(WorkerBuilder) -> Fut,
+    Fut: Future<Output = SetupResult>,
+{
     let cli = Cli::parse();
     init_tracing();
     if cli.list {
@@ -142,6 +170,13 @@ pub fn main() -> ExitCode {
         if let Some(filter) = filter {
             builder = builder.tasks(filter);
         }
+        let builder = match setup(builder).await {
+            Ok(builder) => builder,
+            Err(error) => {
+                client.close().await;
+                return Err(crate::Error::Setup(error));
+            }
+        };
         let served = builder.serve(shutdown_signal()).await;
         client.close().await;
         served
@@ -205,7 +240,7 @@ async fn admin(cli: &Cli, command: &Command) -> Result<(), crate::Error> {
             if let Some(tasks) = &cli.tasks {
                 builder = builder.tasks(tasks.iter().filter(|t| !t.is_empty()).cloned());
             }
-            let queues = builder.build()?.declare().await?;
+            let queues = builder.build_for_declare()?.declare().await?;
             for queue in queues {
                 println!(
                     "declared {queue} and {}",
@@ -236,6 +271,14 @@ fn print_list(cli: &Cli) {
             task.retries(),
             task.signature().fingerprint()
         );
+        if !task.states().is_empty() {
+            let states: Vec<String> = task
+                .states()
+                .iter()
+                .map(|state| format!("State<{}>", state.name))
+                .collect();
+            println!("    takes: {}", states.join(", "));
+        }
         println!("    defined in {}", task.location());
     }
 }

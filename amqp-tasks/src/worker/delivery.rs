@@ -153,6 +153,7 @@ async fn run<'a>(
     });
     let ctx = Context::new(ContextParts {
         client: shared.client.clone(),
+        states: shared.states.clone(),
         task_id,
         task_name: task.name(),
         attempt: headers.attempt,
@@ -179,8 +180,9 @@ async fn run<'a>(
 }
 
 /// What an outcome means for its message: answered (and dead-lettered where due), or retried.
-fn decide<'a>(
-    task: &'static Registration,
+/// (The test worker decides with it too.)
+pub(crate) fn decide<'a>(
+    task: &Registration,
     codec: Codec,
     headers: TaskHeaders<'a>,
     id: &str,

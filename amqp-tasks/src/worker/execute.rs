@@ -9,7 +9,8 @@ use crate::protocol::codec::Codec;
 use crate::protocol::duration::human;
 use crate::protocol::reply::{ErrorKind, ErrorReply};
 use crate::protocol::signature::normalize;
-use crate::task::decode_args;
+use crate::state::MissingState;
+use crate::task::{Task, decode_args};
 use std::any::Any;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -55,6 +56,21 @@ pub(crate) fn run<T: Handler>(
     codec: Codec,
     body: &[u8],
 ) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
+    run_with::<T, _, _>(ctx, codec, body, T::run)
+}
+
+/// [`run`] with the function that starts the task given: a linked handler's, or a test's mock.
+pub(crate) fn run_with<T, F, Fut>(
+    ctx: Context,
+    codec: Codec,
+    body: &[u8],
+    start: F,
+) -> Pin<Box<dyn Future<Output = Outcome> + Send>>
+where
+    T: Task,
+    F: FnOnce(Context, T::Args) -> Result<Fut, MissingState>,
+    Fut: Future<Output = Result<T::Output, T::Error>> + Send + 'static,
+{
     let args = match catch_unwind(AssertUnwindSafe(|| decode_args::<T>(codec, body))) {
         Ok(Ok(args)) => args,
         Ok(Err(error)) => {
@@ -66,8 +82,19 @@ pub(crate) fn run<T: Handler>(
             return Box::pin(std::future::ready(failure));
         }
     };
+    let started = match catch_unwind(AssertUnwindSafe(|| start(ctx, args))) {
+        Ok(Ok(started)) => started,
+        Ok(Err(missing)) => {
+            let failure = Outcome::failure(ErrorKind::UnknownTask, missing.to_string());
+            return Box::pin(std::future::ready(failure));
+        }
+        Err(panic) => {
+            let failure = panicked("starting the task", &*panic);
+            return Box::pin(std::future::ready(failure));
+        }
+    };
     Box::pin(async move {
-        let mut handler = Box::pin(CatchUnwind::new(T::run(ctx, args)));
+        let mut handler = Box::pin(CatchUnwind::new(started));
         let finished = tokio::time::timeout(T::TIMEOUT, &mut handler).await;
         // Dropped here, within reach of `catch_unwind`: cancelling a handler runs its `Drop`s.
         let dropped = catch_unwind(AssertUnwindSafe(move || drop(handler)));
@@ -106,7 +133,7 @@ pub(crate) fn run<T: Handler>(
 }
 
 /// The task's own error as an outcome: its message, whether to retry it, its reply body.
-fn task_error<T: Handler>(codec: Codec, error: T::Error) -> Outcome {
+fn task_error<T: Task>(codec: Codec, error: T::Error) -> Outcome {
     let described = catch_unwind(AssertUnwindSafe(|| {
         (T::error_message(&error), T::should_retry(&error))
     }));

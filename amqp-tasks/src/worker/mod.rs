@@ -29,13 +29,14 @@ pub mod registry;
 pub(crate) mod settle;
 
 #[cfg(feature = "cli")]
-pub use cli::main;
+pub use cli::{SetupResult, main, main_with};
 
 use crate::client::Client;
 use crate::error::{BrokerError, Error};
 use crate::protocol::headers::HeaderBudget;
 use crate::protocol::retry::RetryPolicy;
 use crate::protocol::topology::{self, QueueType};
+use crate::state::{StateValue, States};
 use crate::transport::topology::{declare_delays, declare_task_queue};
 use consume::{Ended, close_all, drain, open_consumers, run};
 use lapin::Channel;
@@ -67,6 +68,7 @@ pub struct Worker {
     client: Client,
     tasks: Vec<&'static Registration>,
     settings: Settings,
+    states: Arc<States>,
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +93,7 @@ pub struct WorkerBuilder {
     queue_type: QueueType,
     max_body: usize,
     max_redeliveries: u32,
+    states: States,
 }
 
 impl Worker {
@@ -105,6 +108,7 @@ impl Worker {
             queue_type: QueueType::Classic,
             max_body: DEFAULT_MAX_BODY,
             max_redeliveries: DEFAULT_MAX_REDELIVERIES,
+            states: States::default(),
         }
     }
 
@@ -123,6 +127,7 @@ impl Worker {
             client,
             tasks,
             settings,
+            states,
         } = self;
         let mut queues: BTreeMap<String, Vec<&'static Registration>> = BTreeMap::new();
         for task in &tasks {
@@ -156,6 +161,7 @@ impl Worker {
             presence: Presence::default(),
             client,
             settings,
+            states,
         });
 
         let mut shutdown = std::pin::pin!(shutdown);
@@ -275,10 +281,47 @@ impl WorkerBuilder {
         self
     }
 
-    /// Checks the configuration: refuses duplicate task names, an empty set of tasks and
-    /// unknown names in the filter.
+    /// Gives the tasks that take a `State<T>` parameter this value (one per type; a second
+    /// value of the same type replaces the first). Cheap to share: every task gets a
+    /// [`State`](crate::State) handle on the same value.
+    ///
+    /// ```no_run
+    /// # struct Db; impl Db { async fn connect() -> Db { Db } }
+    /// # async fn serve(client: amqp_tasks::Client) -> Result<(), amqp_tasks::Error> {
+    /// let db = Db::connect().await;
+    /// amqp_tasks::Worker::builder(client)
+    ///     .state(db)
+    ///     .serve(std::future::pending())
+    ///     .await
+    /// # }
+    /// ```
+    pub fn state<T: StateValue>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
+    /// Checks the configuration: refuses duplicate task names, an empty set of tasks, unknown
+    /// names in the filter, and a task whose `State<T>` was not given ([`Error::MissingState`]).
     pub fn build(self) -> Result<Worker, Error> {
         let tasks = registry::select(&registry::tasks(), self.filter.as_deref())?;
+        for task in &tasks {
+            if let Some(missing) = self.states.missing(task.states()) {
+                return Err(Error::MissingState {
+                    task: task.name().to_owned(),
+                    state: missing.name.to_owned(),
+                });
+            }
+        }
+        self.assemble(tasks)
+    }
+
+    /// What provisioning needs (`worker declare`): the queues, not the states.
+    pub(crate) fn build_for_declare(self) -> Result<Worker, Error> {
+        let tasks = registry::select(&registry::tasks(), self.filter.as_deref())?;
+        self.assemble(tasks)
+    }
+
+    fn assemble(self, tasks: Vec<&'static Registration>) -> Result<Worker, Error> {
         for task in &tasks {
             topology::check_name(&self.client.queue_name(task.queue()))
                 .map_err(|e| Error::Config(format!("queue of task `{}`: {e}", task.name())))?;
@@ -297,6 +340,7 @@ impl WorkerBuilder {
                 max_body: self.max_body,
                 max_redeliveries: self.max_redeliveries,
             },
+            states: Arc::new(self.states),
         })
     }
 
@@ -359,6 +403,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<InFlight>,
     pub(crate) presence: Presence,
     pub(crate) settings: Settings,
+    /// What the tasks' `State` parameters receive.
+    pub(crate) states: Arc<States>,
 }
 
 /// Which of a task queue's two consumers a delivery came from.

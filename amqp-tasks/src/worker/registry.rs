@@ -10,16 +10,17 @@ use crate::error::Error;
 use crate::handler::Handler;
 use crate::protocol::codec::Codec;
 use crate::protocol::signature::Signature;
-use crate::task::Param;
+pub use crate::state::StateNeed;
+use crate::task::{Param, Task};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-type Run = fn(Context, Codec, &[u8]) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
+pub(crate) type Run = fn(Context, Codec, &[u8]) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 /// A task served by this binary, as registered by `#[task]`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Registration {
     name: &'static str,
     queue: &'static str,
@@ -29,6 +30,7 @@ pub struct Registration {
     retries: u32,
     backoff: Duration,
     signature: fn() -> &'static Signature,
+    states: &'static [StateNeed],
     pub(crate) run: Run,
     module_path: &'static str,
     file: &'static str,
@@ -53,10 +55,30 @@ impl Registration {
             retries: T::RETRIES,
             backoff: T::BACKOFF,
             signature: T::signature,
+            states: T::STATES,
             run: execute::run::<T>,
             module_path,
             file,
             line,
+        }
+    }
+
+    /// A task that `run` serves in place of a linked handler (a test's mock).
+    pub(crate) fn substitute<T: Task>(run: Run) -> Registration {
+        Registration {
+            name: T::NAME,
+            queue: T::QUEUE,
+            params: T::PARAMS,
+            output: T::OUTPUT,
+            timeout: T::TIMEOUT,
+            retries: T::RETRIES,
+            backoff: T::BACKOFF,
+            signature: T::signature,
+            states: &[],
+            run,
+            module_path: "a mock",
+            file: "",
+            line: 0,
         }
     }
 
@@ -93,6 +115,11 @@ impl Registration {
     /// The first retry delay.
     pub fn backoff(&self) -> Duration {
         self.backoff
+    }
+
+    /// The `State<T>` parameters it takes.
+    pub fn states(&self) -> &'static [StateNeed] {
+        self.states
     }
 
     /// Its signature fingerprint.

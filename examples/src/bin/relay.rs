@@ -38,3 +38,30 @@ pub async fn average(ctx: Context, xs: Vec<i64>) -> Result<i64, String> {
 fn main() -> std::process::ExitCode {
     amqp_tasks::worker::main()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amqp_tasks::testing::TestWorker;
+
+    /// The relay's logic, tested without a broker: the worker service's tasks are mocks.
+    #[tokio::test]
+    async fn average_calls_sum_and_div() {
+        let test = TestWorker::new()
+            .mock::<sum>(|(xs,)| async move { Ok(xs.iter().sum()) })
+            .mock::<div>(|(a, b)| async move {
+                if b == 0 {
+                    Err(DivError::ByZero)
+                } else {
+                    Ok(a / b)
+                }
+            });
+        assert_eq!(average::new(vec![2, 4, 9]).call(&test).await, Ok(5));
+        assert_eq!(
+            average::new(vec![]).call(&test).await,
+            Err(CallError::Task(
+                "the average of nothing is undefined".to_owned()
+            ))
+        );
+    }
+}
