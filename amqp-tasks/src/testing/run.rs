@@ -211,17 +211,12 @@ fn admit(
         );
         return Err(refuse(codec, ErrorKind::UnknownTask, message));
     }
-    if let Some(fingerprint) = &headers.signature {
-        let ours = task.signature();
-        if !ours.accepts(fingerprint) {
-            let message = format!(
-                "the caller's stub of `{}` has signature {fingerprint}, this worker serves `{}` ({})",
-                task.name(),
-                ours.text(),
-                ours.fingerprint()
-            );
-            return Err(refuse(codec, ErrorKind::SignatureMismatch, message));
-        }
+    if let Some(message) = headers
+        .signature
+        .as_deref()
+        .and_then(|fingerprint| task.refuses_signature(fingerprint))
+    {
+        return Err(refuse(codec, ErrorKind::SignatureMismatch, message));
     }
     if queued
         .deadline

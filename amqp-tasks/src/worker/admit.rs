@@ -169,24 +169,19 @@ pub(crate) async fn admit<'a>(
             message,
         ));
     };
-    if let Some(fingerprint) = &headers.signature {
-        let ours = task.signature();
-        if !ours.accepts(fingerprint) {
-            let message = format!(
-                "the caller's stub of `{}` has signature {fingerprint}, this worker serves `{}` ({})",
-                task.name(),
-                ours.text(),
-                ours.fingerprint()
-            );
-            return Admission::Dispose(refuse(
-                queue,
-                id,
-                task.name(),
-                codec,
-                ErrorKind::SignatureMismatch,
-                message,
-            ));
-        }
+    if let Some(message) = headers
+        .signature
+        .as_deref()
+        .and_then(|fingerprint| task.refuses_signature(fingerprint))
+    {
+        return Admission::Dispose(refuse(
+            queue,
+            id,
+            task.name(),
+            codec,
+            ErrorKind::SignatureMismatch,
+            message,
+        ));
     }
     let now_ms = unix_ms(SystemTime::now());
     // A forged deadline far ahead is as good as none: clamped, never an overflow.

@@ -46,6 +46,19 @@ impl Registration {
         file: &'static str,
         line: u32,
     ) -> Registration {
+        Registration::served_by::<T>(execute::run::<T>, T::STATES, (module_path, file, line))
+    }
+
+    /// A task that `run` serves in place of a linked handler (a test's mock).
+    pub(crate) fn substitute<T: Task>(run: Run) -> Registration {
+        Registration::served_by::<T>(run, &[], ("a mock", "", 0))
+    }
+
+    const fn served_by<T: Task>(
+        run: Run,
+        states: &'static [StateNeed],
+        (module_path, file, line): (&'static str, &'static str, u32),
+    ) -> Registration {
         Registration {
             name: T::NAME,
             queue: T::QUEUE,
@@ -55,31 +68,26 @@ impl Registration {
             retries: T::RETRIES,
             backoff: T::BACKOFF,
             signature: T::signature,
-            states: T::STATES,
-            run: execute::run::<T>,
+            states,
+            run,
             module_path,
             file,
             line,
         }
     }
 
-    /// A task that `run` serves in place of a linked handler (a test's mock).
-    pub(crate) fn substitute<T: Task>(run: Run) -> Registration {
-        Registration {
-            name: T::NAME,
-            queue: T::QUEUE,
-            params: T::PARAMS,
-            output: T::OUTPUT,
-            timeout: T::TIMEOUT,
-            retries: T::RETRIES,
-            backoff: T::BACKOFF,
-            signature: T::signature,
-            states: &[],
-            run,
-            module_path: "a mock",
-            file: "",
-            line: 0,
-        }
+    /// Why a call from a stub with this signature fingerprint is refused, if it is (a stub of
+    /// other types).
+    pub(crate) fn refuses_signature(&self, fingerprint: &str) -> Option<String> {
+        let ours = self.signature();
+        (!ours.accepts(fingerprint)).then(|| {
+            format!(
+                "the caller's stub of `{}` has signature {fingerprint}, this worker serves `{}` ({})",
+                self.name,
+                ours.text(),
+                ours.fingerprint()
+            )
+        })
     }
 
     /// The task name.
