@@ -279,7 +279,25 @@ fn print_list(cli: &Cli) {
                 .collect();
             println!("    takes: {}", states.join(", "));
         }
+        if let Some(schedule) = task.schedule() {
+            println!("    schedule: {schedule}  next: {}", next_due(&schedule));
+        }
         println!("    defined in {}", task.location());
+    }
+}
+
+/// When a schedule next ticks, in UTC, or why it cannot.
+fn next_due(schedule: &crate::schedule::Schedule) -> String {
+    let now = crate::protocol::unix_ms(std::time::SystemTime::now());
+    match schedule.plan() {
+        Ok(plan) => plan
+            .next_after(now)
+            .and_then(|ms| chrono::DateTime::from_timestamp_millis(i64::try_from(ms).ok()?))
+            .map_or_else(
+                || "never".to_owned(),
+                |at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ),
+        Err(error) => format!("none ({error})"),
     }
 }
 

@@ -9,6 +9,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::handler::Handler;
 use crate::protocol::codec::Codec;
+use crate::protocol::schedule::Schedule;
 use crate::protocol::signature::Signature;
 pub use crate::state::StateNeed;
 use crate::task::{Param, Task};
@@ -31,6 +32,7 @@ pub struct Registration {
     backoff: Duration,
     signature: fn() -> &'static Signature,
     states: &'static [StateNeed],
+    schedule: Option<Schedule>,
     pub(crate) run: Run,
     module_path: &'static str,
     file: &'static str,
@@ -46,7 +48,10 @@ impl Registration {
         file: &'static str,
         line: u32,
     ) -> Registration {
-        Registration::served_by::<T>(execute::run::<T>, T::STATES, (module_path, file, line))
+        let mut registration =
+            Registration::served_by::<T>(execute::run::<T>, T::STATES, (module_path, file, line));
+        registration.schedule = T::SCHEDULE;
+        registration
     }
 
     /// A task that `run` serves in place of a linked handler (a test's mock).
@@ -69,6 +74,7 @@ impl Registration {
             backoff: T::BACKOFF,
             signature: T::signature,
             states,
+            schedule: None,
             run,
             module_path,
             file,
@@ -128,6 +134,11 @@ impl Registration {
     /// The `State<T>` parameters it takes.
     pub fn states(&self) -> &'static [StateNeed] {
         self.states
+    }
+
+    /// When it ticks, for a periodic task (`#[task(every = ...)]`, `#[task(cron = ...)]`).
+    pub fn schedule(&self) -> Option<Schedule> {
+        self.schedule
     }
 
     /// Its signature fingerprint.
