@@ -206,7 +206,7 @@ pub use worker::registry;
 ///
 /// A periodic task takes no arguments besides its `Context` and `State`s; the active
 /// scheduler among the workers started with `--beat` sends its ticks (see
-/// [`schedule`](crate::schedule) and the README's "Periodic tasks").
+/// [`schedule`] and the README's "Periodic tasks").
 ///
 /// It generates, next to the unchanged function: a stub type of the same name with `new(args…)`
 /// returning a [`TaskCall`], its [`Task`] implementation, and (for a function with a body) a

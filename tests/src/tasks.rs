@@ -464,3 +464,13 @@ pub async fn greet_with(greeting: State<Greeting>, name: String) -> String {
 pub async fn quick(x: u64) -> u64 {
     x
 }
+
+/// A periodic task: every second, prints its tick id and when it ran (`beat tick <id> at <ms>`)
+/// for `tests/tests/beat.rs`, which reads the workers' output. Only `--beat` workers send ticks.
+#[task(every = "1s")]
+pub async fn beat_tick(ctx: Context) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    println!("beat tick {} at {now}", ctx.task_id());
+}

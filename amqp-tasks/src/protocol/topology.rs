@@ -12,6 +12,15 @@
 //!   [`presence_queue`]).
 //! - Only workers (and the provisioning command) declare them; clients never do.
 //!
+//! # The scheduler's election queue
+//!
+//! Workers started with `--beat` elect the one active scheduler of periodic tasks through one
+//! queue, `<namespace>.amqp-tasks.beat` (see [`beat_queue`]): durable, with exactly two
+//! arguments, `x-queue-type` = `quorum` and `x-single-active-consumer` = `true`, whatever
+//! `--queue-type` says. It holds the scheduler's token (a JSON message carrying the last tick
+//! fired of each periodic task); the candidate that holds the token's delivery is the active
+//! scheduler. Frozen like every other queue: these arguments never change.
+//!
 //! # Delays
 //!
 //! Delayed tasks (`.countdown()`, `.eta()`) and retries wait in the broker, not in a worker's
@@ -188,6 +197,19 @@ pub fn presence_queue(namespace: Option<&str>, task: &str) -> String {
     queue_name(namespace, &format!("amqp-tasks.serves.{task}"))
 }
 
+/// The scheduler's election queue, `<namespace>.amqp-tasks.beat` (see the [module
+/// documentation](self#the-schedulers-election-queue)).
+pub fn beat_queue(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.beat")
+}
+
+/// The arguments of the election queue: quorum, single active consumer. Frozen.
+pub(crate) fn beat_queue_arguments() -> FieldTable {
+    let mut arguments = task_queue_arguments(QueueType::Quorum);
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    arguments
+}
+
 /// The dead-letter queue of a task queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
@@ -222,6 +244,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_election_queue_is_quorum_with_one_active_consumer() {
+        let arguments = beat_queue_arguments();
+        let inner = arguments.inner();
+        assert_eq!(inner.len(), 2);
+        assert_eq!(
+            inner.get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            inner.get("x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+    }
+
+    #[test]
     fn buckets_cover_100ms_to_29h() {
         assert_eq!(DELAY_BUCKETS_MS[0], 100);
         assert_eq!(DELAY_BUCKETS_MS[20], 104_857_600);
@@ -241,6 +278,8 @@ mod tests {
             "staging.amqp-tasks.serves.math.div"
         );
         assert_eq!(dead_letter_queue("staging.add"), "staging.add.dlq");
+        assert_eq!(beat_queue(Some("staging")), "staging.amqp-tasks.beat");
+        assert_eq!(beat_queue(None), "amqp-tasks.beat");
         assert_eq!(delay_exchange(None), "amqp-tasks.delay");
         assert_eq!(delay_queue(Some("t"), 800), "t.amqp-tasks.delay.800ms");
         assert_eq!(

@@ -45,6 +45,9 @@ struct Cli {
     /// Worker threads of the runtime [default: one per core].
     #[arg(long, env = "AMQP_TASKS_THREADS")]
     threads: Option<usize>,
+    /// Be a candidate scheduler of the periodic tasks served (one active among all candidates).
+    #[arg(long, env = "AMQP_TASKS_BEAT", value_parser = clap::builder::FalseyValueParser::new())]
+    beat: bool,
     /// Print every task of this binary with its arguments and queue, then exit.
     #[arg(long)]
     list: bool,
@@ -163,7 +166,8 @@ where
             .grace_period(cli.grace)
             .queue_type(cli.queue_type)
             .max_body_size(cli.max_body_size)
-            .max_redeliveries(cli.max_redeliveries);
+            .max_redeliveries(cli.max_redeliveries)
+            .beat(cli.beat);
         if let Some(prefetch) = cli.prefetch {
             builder = builder.prefetch(prefetch);
         }

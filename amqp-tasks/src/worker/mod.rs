@@ -17,6 +17,7 @@
 //!   flight finish within the grace period, every ack is sent, then `serve` returns.
 
 pub(crate) mod admit;
+pub(crate) mod beat;
 #[cfg(feature = "cli")]
 pub(crate) mod cli;
 mod consume;
@@ -79,6 +80,7 @@ pub(crate) struct Settings {
     pub(crate) queue_type: QueueType,
     pub(crate) max_body: usize,
     pub(crate) max_redeliveries: u32,
+    pub(crate) beat: bool,
 }
 
 /// Configures a [`Worker`].
@@ -93,6 +95,7 @@ pub struct WorkerBuilder {
     queue_type: QueueType,
     max_body: usize,
     max_redeliveries: u32,
+    beat: bool,
     states: States,
 }
 
@@ -108,6 +111,7 @@ impl Worker {
             queue_type: QueueType::Classic,
             max_body: DEFAULT_MAX_BODY,
             max_redeliveries: DEFAULT_MAX_REDELIVERIES,
+            beat: false,
             states: States::default(),
         }
     }
@@ -152,6 +156,20 @@ impl Worker {
                 client.queue_name(task.queue())
             );
         }
+        let beat = if settings.beat {
+            let plans = beat::plans(&tasks)?;
+            if plans.is_empty() {
+                tracing::warn!("--beat: none of the tasks served is periodic; not a scheduler");
+                None
+            } else {
+                match client.sibling(beat::HEARTBEAT, "scheduler") {
+                    Some(scheduler) => Some((scheduler?, plans)),
+                    None => None,
+                }
+            }
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             stopping: watch::Sender::new(false),
             abandon: watch::Sender::new(false),
@@ -163,6 +181,13 @@ impl Worker {
             settings,
             states,
         });
+
+        // The scheduler stops (handing its token on) as soon as the worker stops, however
+        // `serve` returns.
+        let _stop_beat = StopOnDrop(shared.clone());
+        if let Some((scheduler, plans)) = beat {
+            tokio::spawn(beat::run(scheduler, plans, shared.stopping.subscribe()));
+        }
 
         let mut shutdown = std::pin::pin!(shutdown);
         let mut first = true;
@@ -281,6 +306,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// Makes this worker a candidate scheduler of the periodic tasks it serves (`worker
+    /// --beat`): any number of workers may be; the broker elects one active at a time (see
+    /// [`topology`](crate::topology#the-schedulers-election-queue) and the README's "Periodic
+    /// tasks"). Default off.
+    pub fn beat(mut self, beat: bool) -> Self {
+        self.beat = beat;
+        self
+    }
+
     /// Gives the tasks that take a `State<T>` parameter this value (one per type; a second
     /// value of the same type replaces the first). Cheap to share: every task gets a
     /// [`State`](crate::State) handle on the same value.
@@ -339,6 +373,7 @@ impl WorkerBuilder {
                 queue_type: self.queue_type,
                 max_body: self.max_body,
                 max_redeliveries: self.max_redeliveries,
+                beat: self.beat,
             },
             states: Arc::new(self.states),
         })
@@ -387,6 +422,15 @@ impl Worker {
         }
         let _ = channel.close(200, "declared".into()).await;
         Ok(queues)
+    }
+}
+
+/// Tells everything that watches [`Shared::stopping`] (the scheduler) to stop, when dropped.
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stopping.send(true);
     }
 }
 
