@@ -218,6 +218,7 @@ async fn a_rolling_restart_neither_repeats_nor_skips_a_tick() {
                 .await;
         }
         let mut stopped = Vec::new();
+        let mut handovers = 0;
         for round in 0..3 {
             let before = ticks(&workers).len();
             more_ticks(&workers, before, 3).await;
@@ -230,6 +231,7 @@ async fn a_rolling_restart_neither_repeats_nor_skips_a_tick() {
             assert!(status.success(), "graceful exit: {}", workers[old].output());
             stopped.push(workers[old].pid());
             if old == was_active {
+                handovers += 1;
                 let successor = active(&mut workers, &stopped).await;
                 eprintln!(
                     "rolling restart {}: worker {} active {} ms after SIGTERM to the active one",
@@ -247,6 +249,8 @@ async fn a_rolling_restart_neither_repeats_nor_skips_a_tick() {
         let before = ticks(&workers).len();
         more_ticks(&workers, before, 4).await;
 
+        // The three workers that started are all gone: the token moved at least once.
+        assert!(handovers >= 1, "the active scheduler was never restarted");
         let ticks = ticks(&workers);
         for (second, runs) in runs_per_second(&ticks) {
             assert_eq!(
