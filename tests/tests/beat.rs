@@ -2,7 +2,9 @@
 //! one, and a rolling graceful restart. The task `beat_tick` (every second) prints its tick id
 //! and when it ran; the tests read every worker's output, the killed ones' included.
 
-use amqp_tasks_tests::harness::{PATIENCE, TestEnv, WorkerProcess, bounded, eventually};
+use amqp_tasks_tests::harness::{
+    PATIENCE, TestEnv, WorkerProcess, bounded, eventually, rabbitmqctl,
+};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
@@ -107,6 +109,48 @@ async fn list_shows_the_schedule_and_the_next_tick() {
             line.ends_with(".000Z"),
             "the next tick is a whole second: {line}"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_connection_asks_for_a_short_heartbeat() {
+    let env = TestEnv::new("beat-heartbeat");
+    env.track("amqp-tasks.beat");
+    bounded(LIMIT, async {
+        // The environment variable makes a candidate too.
+        let mut worker = env.worker_with_env(
+            WORKER,
+            &["--tasks", "beat_tick"],
+            &[("AMQP_TASKS_BEAT", "true")],
+        );
+        worker.wait_for(ACTIVE).await;
+        let listing = rabbitmqctl(&[
+            "list_connections",
+            "client_properties",
+            "timeout",
+            "-q",
+            "--no-table-headers",
+        ])
+        .await;
+        let timeout_of = |suffix: &str| {
+            listing
+                .lines()
+                .find(|line| line.contains(&format!("pid {}{suffix}\"}}", worker.pid())))
+                .and_then(|line| line.rsplit('\t').next())
+                .map(|timeout| timeout.trim().to_owned())
+                .unwrap_or_else(|| {
+                    panic!("no connection `pid {}{suffix}`:\n{listing}", worker.pid())
+                })
+        };
+        assert_eq!(timeout_of(" (scheduler)"), "5", "the scheduler's heartbeat");
+        assert_eq!(
+            timeout_of(""),
+            "60",
+            "the worker's own connection keeps the broker's"
+        );
+        worker.signal("TERM");
+        assert!(worker.exit(PATIENCE).await.success());
     })
     .await;
 }
