@@ -373,6 +373,12 @@ async fn fire(client: &Client, task: &Registration, tick: u64) -> Result<(), End
             tracing::debug!(task = task.name(), id = %id, "beat: tick sent");
             Ok(())
         }
+        // No queue for it (deleted, or not declared yet): this tick cannot be delivered, and
+        // giving the token up would not help the next scheduler.
+        Err(error @ crate::CallError::NoRoute { .. }) => {
+            tracing::warn!(task = task.name(), id = %id, %error, "beat: tick not sent");
+            Ok(())
+        }
         Err(error) => Err(Ended::Lost(format!("sending the tick {id}: {error}"))),
     }
 }

@@ -182,12 +182,10 @@ impl Worker {
             states,
         });
 
-        // The scheduler stops (handing its token on) as soon as the worker stops, however
-        // `serve` returns.
+        // The scheduler starts once the task queues exist (its ticks go there), and stops,
+        // handing its token on, as soon as the worker stops, however `serve` returns.
+        let mut beat = beat;
         let _stop_beat = StopOnDrop(shared.clone());
-        if let Some((scheduler, plans)) = beat {
-            tokio::spawn(beat::run(scheduler, plans, shared.stopping.subscribe()));
-        }
 
         let mut shutdown = std::pin::pin!(shutdown);
         let mut first = true;
@@ -243,6 +241,9 @@ impl Worker {
                 "worker ready: consuming {} queue(s) and their redelivered lanes",
                 consumers.len() / 2
             );
+            if let Some((scheduler, plans)) = beat.take() {
+                tokio::spawn(beat::run(scheduler, plans, shared.stopping.subscribe()));
+            }
             let (ended, closings) = run(&shared, &session, consumers, &mut shutdown).await;
             match ended {
                 Ended::Shutdown => return drain(&shared, closings).await,
