@@ -3,6 +3,7 @@
 //! ```text
 //! amqp-tasks call <task> ['<json args>'] [--delay] [--timeout 5s] [--queue Q]
 //! amqp-tasks queues <task>... [--json]
+//! amqp-tasks events [--task NAME]
 //! ```
 //!
 //! Both take `--url` (env `AMQP_URL`, default [`DEFAULT_URL`]) and `--namespace`
@@ -18,6 +19,12 @@
 //! `queues` prints, for each task queue (a task's queue is named after the task unless it sets
 //! `queue = "..."`), the messages ready in it, its consumers and the messages in its `.dlq`,
 //! through passive declares (no management plugin needed).
+//!
+//! `events` prints, live and one JSON object a line, the events of the workers started with
+//! `--events` (`{"event", "task", "id", "attempt", "worker", "at_ms"}`, plus `error` where there
+//! is one), until interrupted; `--task` keeps one task's events (the worker events are left
+//! out then). It declares the events exchange (as the workers do) and a queue of its own,
+//! deleted when it exits.
 //!
 //! # Exit codes
 //!
@@ -91,6 +98,12 @@ enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Print the events of the workers started with --events, live, one JSON line each.
+    Events {
+        /// Only this task's events.
+        #[arg(long)]
+        task: Option<String>,
+    },
     /// Print each task queue's ready messages, consumers and dead letters.
     Queues {
         /// Task names (or the queue names of tasks grouped with `queue = "..."`).
@@ -142,7 +155,7 @@ async fn run(cli: Cli) -> u8 {
                 }
             }
         }
-        Command::Queues { .. } => None,
+        Command::Queues { .. } | Command::Events { .. } => None,
     };
     let client = match builder.connect().await {
         Ok(client) => client,
@@ -176,8 +189,97 @@ async fn run(cli: Cli) -> u8 {
             }
         }
         Command::Queues { tasks, json } => queues(&client, &tasks, json).await,
+        Command::Events { task } => events(&client, task.as_deref()).await,
     };
     client.close().await;
+    code
+}
+
+/// Prints events until interrupted (0) or the connection drops (4).
+async fn events(client: &Client, task: Option<&str>) -> u8 {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let exchange = crate::protocol::topology::events_exchange(client.namespace());
+    let listening = async {
+        let session = client.session().await.map_err(|e| e.to_string())?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::transport::topology::declare_events(&channel, &exchange)
+            .await
+            .map_err(|e| format!("declaring `{exchange}`: {e}"))?;
+        let queue = format!(
+            "{exchange}.listener.{}",
+            crate::protocol::trace::random_uuid().simple()
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .await
+            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+        let keys = match task {
+            // A task name may contain dots: `*` is the event, the rest the name.
+            Some(task) => vec![format!("task.*.{task}")],
+            None => vec!["task.#".to_owned(), "worker.#".to_owned()],
+        };
+        for key in keys {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("binding `{queue}`: {e}"))?;
+        }
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming `{queue}`: {e}"))?;
+        Ok::<_, String>((channel, consumer))
+    };
+    let (channel, mut consumer) =
+        match tokio::time::timeout(Duration::from_secs(30), listening).await {
+            Ok(Ok(listening)) => listening,
+            Ok(Err(error)) => {
+                eprintln!("amqp-tasks: {error}");
+                return EXIT_CONNECTION;
+            }
+            Err(_) => {
+                eprintln!("amqp-tasks: the broker did not answer in time");
+                return EXIT_TIMEOUT;
+            }
+        };
+    eprintln!("amqp-tasks: listening for events on `{exchange}` (Ctrl-C to stop)");
+    let code = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break EXIT_OK,
+            delivery = crate::transport::next(&mut consumer) => match delivery {
+                Some(Ok(delivery)) => println!("{}", String::from_utf8_lossy(&delivery.data)),
+                _ => {
+                    eprintln!("amqp-tasks: the connection to the broker was lost");
+                    break EXIT_CONNECTION;
+                }
+            },
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "done".into())).await;
     code
 }
 

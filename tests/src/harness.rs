@@ -304,7 +304,9 @@ impl Drop for TestEnv {
             amqp_tasks::QueueType::Classic,
             amqp_tasks::QueueType::Quorum,
         ]
-        .map(|kind| amqp_tasks::topology::delay_exchange_of(Some(&self.namespace), kind));
+        .map(|kind| amqp_tasks::topology::delay_exchange_of(Some(&self.namespace), kind))
+        .into_iter()
+        .chain([amqp_tasks::topology::events_exchange(Some(&self.namespace))]);
         let url = self.url.clone();
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own (the test's may be gone, or panicking), and a bound on the wait:

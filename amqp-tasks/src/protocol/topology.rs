@@ -188,6 +188,13 @@ pub fn presence_queue(namespace: Option<&str>, task: &str) -> String {
     queue_name(namespace, &format!("amqp-tasks.serves.{task}"))
 }
 
+/// The events exchange, `<namespace>.amqp-tasks.events`: a durable topic exchange to which
+/// workers started with `--events` publish task events (routing key `task.<event>.<task name>`)
+/// and worker events (`worker.<event>`), transient, as JSON.
+pub fn events_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.events")
+}
+
 /// The dead-letter queue of a task queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")

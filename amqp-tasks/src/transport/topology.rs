@@ -1,5 +1,5 @@
 //! Declaring the topology: the delay exchange and its bucket queues, task queues and their
-//! dead-letter queues, with the names and arguments `protocol::topology` fixes. The one place
+//! dead-letter queues, the events exchange, with the names and arguments `protocol::topology` fixes. The one place
 //! that declares; clients never call it (they publish with `mandatory` instead).
 
 use crate::protocol::topology::{
@@ -85,4 +85,20 @@ pub(crate) async fn declare_presence(channel: &Channel, queue: &str) -> Result<(
         )
         .await
         .map(drop)
+}
+
+/// Declares the events exchange (a durable topic exchange; idempotent: workers with `--events`
+/// and `amqp-tasks events` declare it alike).
+pub(crate) async fn declare_events(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }

@@ -15,6 +15,17 @@
 //! - Bad input and failed handlers are answered (where `reply_to` is set) and dead-lettered.
 //! - On shutdown: consumers are cancelled, prefetched tasks not started are requeued, tasks in
 //!   flight finish within the grace period, every ack is sent, then `serve` returns.
+//!
+//! # Metrics
+//!
+//! With [`WorkerBuilder::metrics_addr`] (`worker --metrics-addr`, env `AMQP_TASKS_METRICS_ADDR`;
+//! feature `metrics`, on by default) the worker serves `GET /metrics` in the Prometheus text
+//! format: `amqp_tasks_tasks_total{task, outcome}` (each message settled for good, with its
+//! outcome: `succeeded`, `retried`, `failed`, `panicked`, `time_limit`, `rejected`, `revoked`),
+//! `amqp_tasks_dead_letters_total{task, reason}` (counted apart: a failed or rejected message may
+//! also be dead-lettered), `amqp_tasks_task_duration_seconds{task}` (a histogram of handler run
+//! times), `amqp_tasks_tasks_in_flight`, `amqp_tasks_redeliveries_total{task}` and
+//! `amqp_tasks_broker_sessions_total`.
 
 pub(crate) mod admit;
 #[cfg(feature = "cli")]
@@ -23,7 +34,11 @@ mod consume;
 pub(crate) mod delivery;
 pub(crate) mod dispose;
 pub mod dlq;
+pub(crate) mod events;
 pub(crate) mod execute;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
+pub(crate) mod observe;
 pub(crate) mod presence;
 pub mod registry;
 pub(crate) mod settle;
@@ -79,6 +94,9 @@ pub(crate) struct Settings {
     pub(crate) queue_type: QueueType,
     pub(crate) max_body: usize,
     pub(crate) max_redeliveries: u32,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) events: bool,
 }
 
 /// Configures a [`Worker`].
@@ -94,6 +112,9 @@ pub struct WorkerBuilder {
     max_body: usize,
     max_redeliveries: u32,
     states: States,
+    #[cfg(feature = "metrics")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    events: bool,
 }
 
 impl Worker {
@@ -109,6 +130,9 @@ impl Worker {
             max_body: DEFAULT_MAX_BODY,
             max_redeliveries: DEFAULT_MAX_REDELIVERIES,
             states: States::default(),
+            #[cfg(feature = "metrics")]
+            metrics_addr: None,
+            events: false,
         }
     }
 
@@ -152,7 +176,23 @@ impl Worker {
                 client.queue_name(task.queue())
             );
         }
+        #[allow(unused_mut)]
+        let mut observer = observe::Observer {
+            events: settings.events.then(|| events::Events::start(&client)),
+            ..observe::Observer::default()
+        };
+        #[cfg(feature = "metrics")]
+        let _metrics_server = match settings.metrics_addr {
+            Some(addr) => {
+                let metrics = Arc::new(metrics::Metrics::new());
+                let (_, server) = metrics::serve(metrics.clone(), addr).await?;
+                observer.metrics = Some(metrics);
+                Some(AbortOnDrop(server))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            observer,
             stopping: watch::Sender::new(false),
             abandon: watch::Sender::new(false),
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
@@ -166,6 +206,7 @@ impl Worker {
 
         let mut shutdown = std::pin::pin!(shutdown);
         let mut first = true;
+        let mut online = false;
         let mut attempt = 0;
         loop {
             // Between sessions, tasks of the lost one may still run: drain them too.
@@ -213,6 +254,11 @@ impl Worker {
             };
             first = false;
             attempt = 0;
+            shared.observer.session_started();
+            if !online {
+                online = true;
+                shared.observer.online();
+            }
             tracing::info!(
                 node = %session.url,
                 "worker ready: consuming {} queue(s) and their redelivered lanes",
@@ -300,6 +346,26 @@ impl WorkerBuilder {
         self
     }
 
+    /// Serves Prometheus metrics at `http://ADDR/metrics` while the worker serves (default: no
+    /// metrics). A port 0 picks a free port; the address bound is logged. See the
+    /// [`metrics`](self#metrics) section for the samples. Feature `metrics` (default).
+    #[cfg(feature = "metrics")]
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Publishes task and worker events as JSON to the namespaced topic exchange
+    /// `amqp-tasks.events` (default off; `worker --events`): for each message `received`,
+    /// `started`, then its outcome (`succeeded`, `retried`, `failed`, `panicked`, `time_limit`,
+    /// `rejected`, `revoked`) and `dead_lettered`, under `task.<event>.<task name>`; `online`,
+    /// `heartbeat` (every 10 s) and `offline` under `worker.<event>`. Fire-and-forget: never
+    /// awaited by a task, dropped rather than slowing one down.
+    pub fn events(mut self, on: bool) -> Self {
+        self.events = on;
+        self
+    }
+
     /// Checks the configuration: refuses duplicate task names, an empty set of tasks, unknown
     /// names in the filter, and a task whose `State<T>` was not given ([`Error::MissingState`]).
     pub fn build(self) -> Result<Worker, Error> {
@@ -339,6 +405,9 @@ impl WorkerBuilder {
                 queue_type: self.queue_type,
                 max_body: self.max_body,
                 max_redeliveries: self.max_redeliveries,
+                #[cfg(feature = "metrics")]
+                metrics_addr: self.metrics_addr,
+                events: self.events,
             },
             states: Arc::new(self.states),
         })
@@ -405,6 +474,19 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     /// What the tasks' `State` parameters receive.
     pub(crate) states: Arc<States>,
+    /// Where reports on the messages handled go (metrics, events).
+    pub(crate) observer: observe::Observer,
+}
+
+/// A background task that ends with its owner.
+#[cfg(feature = "metrics")]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+#[cfg(feature = "metrics")]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Which of a task queue's two consumers a delivery came from.

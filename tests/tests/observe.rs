@@ -1,0 +1,300 @@
+//! Observing a fleet, end to end: a `test-worker` process with `--metrics-addr` scraped over
+//! HTTP by the test.
+
+use amqp_tasks::CallError;
+use amqp_tasks_tests::harness::{PATIENCE, TestEnv, WorkerProcess, bounded};
+use amqp_tasks_tests::tasks::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The address a worker logged for its metrics (`serving metrics on http://ADDR/metrics`).
+async fn metrics_addr(worker: &WorkerProcess) -> String {
+    let line = worker.wait_for("serving metrics on http://").await;
+    let start = line.find("http://").expect("a URL") + "http://".len();
+    let rest = &line[start..];
+    rest[..rest.find("/metrics").expect("the path")].to_owned()
+}
+
+/// `GET /metrics` over plain HTTP/1.1: (status line, body).
+async fn scrape(addr: &str) -> (String, String) {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        String::from_utf8(response).expect("a text response")
+    };
+    let response = tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .expect("the metrics endpoint answered in time");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers and body");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// The value of the sample `name` (with its labels, as exposed) in a scrape, if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_outcome_exactly() {
+    let env = TestEnv::new("metrics");
+    bounded(LIMIT, async {
+        let worker = env
+            .worker(
+                WORKER,
+                &["--tasks", "add,math.div", "--metrics-addr", "127.0.0.1:0"],
+            )
+            .ready()
+            .await;
+        let addr = metrics_addr(&worker).await;
+        let client = env.client().await;
+        for i in 0..10 {
+            assert_eq!(add::new(i, 1).call(&client).await, Ok(i + 1));
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                div::new(1, 0).call(&client).await,
+                Err(CallError::Task(DivError::ByZero))
+            );
+        }
+        let succeeded = r#"amqp_tasks_tasks_total{task="add",outcome="succeeded"}"#;
+        let failed = r#"amqp_tasks_tasks_total{task="math.div",outcome="failed"}"#;
+        // A reply reaches the caller just before its message is counted as settled: wait
+        // (bounded) for the last count, then every figure must be exact.
+        let deadline = Instant::now() + PATIENCE;
+        let text = loop {
+            let (status, text) = scrape(&addr).await;
+            assert!(status.contains(" 200 "), "{status}");
+            if sample(&text, succeeded) == Some(10.0) && sample(&text, failed) == Some(3.0) {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the counts never arrived:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let outcomes: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("amqp_tasks_tasks_total{"))
+            .collect();
+        assert_eq!(outcomes.len(), 2, "no other outcome: {outcomes:?}");
+        let expect = [
+            (
+                r#"amqp_tasks_task_duration_seconds_count{task="add"}"#,
+                10.0,
+            ),
+            (
+                r#"amqp_tasks_task_duration_seconds_count{task="math.div"}"#,
+                3.0,
+            ),
+            ("amqp_tasks_tasks_in_flight", 0.0),
+            ("amqp_tasks_broker_sessions_total", 1.0),
+        ];
+        for (name, value) in expect {
+            assert_eq!(sample(&text, name), Some(value), "{name} in\n{text}");
+        }
+        // A task error without retries is an answer, not a dead letter.
+        assert!(
+            !text.contains("amqp_tasks_dead_letters_total{"),
+            "no dead letters:\n{text}"
+        );
+
+        // A message refused before running is `rejected`, and its dead letter is counted apart.
+        let raw = env.raw().await;
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "task".into(),
+            lapin::types::AMQPValue::LongString("math.div".into()),
+        );
+        raw.channel
+            .basic_publish(
+                "".into(),
+                env.queue("math.div").as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"not json",
+                lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        let rejected = r#"amqp_tasks_tasks_total{task="math.div",outcome="rejected"}"#;
+        let dead = r#"amqp_tasks_dead_letters_total{task="math.div",reason="bad_payload"}"#;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (_, text) = scrape(&addr).await;
+            if sample(&text, rejected) == Some(1.0) {
+                assert_eq!(sample(&text, dead), Some(1.0), "{text}");
+                assert_eq!(sample(&text, failed), Some(3.0), "{text}");
+                let runs = r#"amqp_tasks_task_duration_seconds_count{task="math.div"}"#;
+                assert_eq!(sample(&text, runs), Some(3.0), "it did not run: {text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no rejection counted:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+/// The value of `field="..."` in a log line.
+fn field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
+    let key = format!("{field}=\"");
+    let start = line.find(&key)? + key.len();
+    let length = line[start..].find('"')?;
+    Some(&line[start..start + length])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_run_is_a_task_span_tied_to_its_caller() {
+    let env = TestEnv::new("spans");
+    bounded(LIMIT, async {
+        let worker = env
+            .worker(WORKER, &["--tasks", "relay_div,math.div"])
+            .ready()
+            .await;
+        let client = env.client().await;
+        let relay = relay_div::new(6, 3).delay(&client).await.expect("delay");
+        // The relay's span: its name, id, first attempt and a trace id.
+        let opened = format!("task{{name=\"relay_div\" id=\"{relay}\" attempt=1 trace_id=\"");
+        let line = worker.wait_for(&opened).await;
+        assert!(line.contains("task started"), "{line}");
+        let trace_id = field(&line, "trace_id").expect("a trace id").to_owned();
+        assert_eq!(trace_id.len(), 32, "{line}");
+        // The call it made runs in a span of its own, with the relay as its parent, in the same
+        // trace; the framework's own lines of that run are inside it.
+        let child = worker.wait_for(&format!("parent_id=\"{relay}\"")).await;
+        assert_eq!(field(&child, "name"), Some("math.div"), "{child}");
+        assert_eq!(field(&child, "trace_id"), Some(trace_id.as_str()), "{child}");
+        assert_ne!(field(&child, "id"), Some(relay.as_str()), "{child}");
+        let child_id = field(&child, "id").expect("the child's id").to_owned();
+        let ended = worker
+            .wait_for(&format!("id=\"{child_id}\" attempt=1"))
+            .await;
+        assert!(ended.contains("task{"), "{ended}");
+        worker
+            .wait_for(&format!("id=\"{relay}\" attempt=1 trace_id=\"{trace_id}\"}}: amqp_tasks::worker::delivery: task ended outcome=\"succeeded\""))
+            .await;
+    })
+    .await;
+}
+
+const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
+
+/// `amqp-tasks events ...` running in the test's namespace, once it listens.
+async fn listen(env: &TestEnv, args: &[&str]) -> WorkerProcess {
+    let mut all = vec!["events"];
+    all.extend_from_slice(args);
+    let listener = env.worker(SHELL, &all);
+    listener.wait_for("listening for events on").await;
+    listener
+}
+
+/// The events a listener printed, parsed.
+fn printed(listener: &WorkerProcess) -> Vec<serde_json::Value> {
+    listener
+        .output()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tell_each_task_received_started_then_its_outcome() {
+    let env = TestEnv::new("events");
+    bounded(LIMIT, async {
+        let all = listen(&env, &[]).await;
+        let adds_only = listen(&env, &["--task", "add"]).await;
+        let _worker = env
+            .worker(WORKER, &["--tasks", "add,math.div", "--events"])
+            .ready()
+            .await;
+        let client = env.client().await;
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(
+                add::new(i, i)
+                    .delay(&client)
+                    .await
+                    .expect("delay")
+                    .to_string(),
+            );
+        }
+        assert_eq!(
+            div::new(1, 0).call(&client).await,
+            Err(CallError::Task(DivError::ByZero))
+        );
+        let deadline = Instant::now() + PATIENCE;
+        let events = loop {
+            let events = printed(&all);
+            let done = |id: &str| {
+                events
+                    .iter()
+                    .any(|e| e["id"] == id && e["event"] == "succeeded")
+            };
+            let failed = events.iter().any(|e| e["event"] == "failed");
+            if ids.iter().all(|id| done(id)) && failed {
+                break events;
+            }
+            assert!(Instant::now() < deadline, "missing events: {events:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let online = &events[0];
+        assert_eq!(online["event"], "online", "{events:#?}");
+        let worker_id = online["worker"].as_str().expect("a worker id").to_owned();
+        assert!(
+            worker_id.ends_with(&format!(":{}", _worker.pid())),
+            "{worker_id}"
+        );
+        for id in &ids {
+            let seen: Vec<&str> = events
+                .iter()
+                .filter(|e| e["id"] == id.as_str())
+                .map(|e| e["event"].as_str().unwrap_or_default())
+                .collect();
+            assert_eq!(
+                seen,
+                ["received", "started", "succeeded"],
+                "{id}: {events:#?}"
+            );
+            for event in events.iter().filter(|e| e["id"] == id.as_str()) {
+                assert_eq!(event["task"], "add");
+                assert_eq!(event["attempt"], 1);
+                assert_eq!(event["worker"], worker_id.as_str());
+                assert!(event["at_ms"].as_u64().is_some_and(|at| at > 0), "{event}");
+            }
+        }
+        let failed = events
+            .iter()
+            .find(|e| e["event"] == "failed")
+            .expect("the failure");
+        assert_eq!(failed["task"], "math.div");
+        assert_eq!(failed["error"], "division by zero", "{failed}");
+
+        // `--task add` prints that task's events only: no worker events, no `math.div`.
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let events = printed(&adds_only);
+            let succeeded = events.iter().filter(|e| e["event"] == "succeeded").count();
+            if succeeded == ids.len() {
+                assert_eq!(events.len(), 3 * ids.len(), "{events:#?}");
+                assert!(events.iter().all(|e| e["task"] == "add"), "{events:#?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "missing events: {events:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
