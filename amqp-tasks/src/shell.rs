@@ -4,6 +4,7 @@
 //! amqp-tasks call <task> ['<json args>'] [--delay] [--timeout 5s] [--queue Q]
 //! amqp-tasks queues <task>... [--json]
 //! amqp-tasks events [--task NAME]
+//! amqp-tasks inspect ping|registered|active|stats [--timeout 1s]
 //! ```
 //!
 //! Both take `--url` (env `AMQP_URL`, default [`DEFAULT_URL`]) and `--namespace`
@@ -25,6 +26,12 @@
 //! is one), until interrupted; `--task` keeps one task's events (the worker events are left
 //! out then). It declares the events exchange (as the workers do) and a queue of its own,
 //! deleted when it exits.
+//!
+//! `inspect` asks every live worker of the namespace, through the control exchange (fanout),
+//! who it is (`ping`: its id `<host>:<pid>` and uptime), what it serves (`registered`), what it
+//! runs now (`active`: task, id, for how long) or its counters (`stats`), and prints each
+//! answer received within `--timeout` (default 1 s) as one JSON line. It exits 0 when at least
+//! one worker answered, 3 when none did.
 //!
 //! # Exit codes
 //!
@@ -104,6 +111,15 @@ enum Command {
         #[arg(long)]
         task: Option<String>,
     },
+    /// Ask every live worker: ping, registered, active or stats; one JSON line per answer.
+    Inspect {
+        /// ping | registered | active | stats
+        #[arg(value_parser = parse_inspect)]
+        what: crate::protocol::control::Inspect,
+        /// How long to wait for answers.
+        #[arg(long, default_value = "1s", value_parser = duration::parse)]
+        timeout: Duration,
+    },
     /// Print each task queue's ready messages, consumers and dead letters.
     Queues {
         /// Task names (or the queue names of tasks grouped with `queue = "..."`).
@@ -155,7 +171,7 @@ async fn run(cli: Cli) -> u8 {
                 }
             }
         }
-        Command::Queues { .. } | Command::Events { .. } => None,
+        Command::Queues { .. } | Command::Events { .. } | Command::Inspect { .. } => None,
     };
     let client = match builder.connect().await {
         Ok(client) => client,
@@ -190,9 +206,103 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Queues { tasks, json } => queues(&client, &tasks, json).await,
         Command::Events { task } => events(&client, task.as_deref()).await,
+        Command::Inspect { what, timeout } => inspect(&client, what, timeout).await,
     };
     client.close().await;
     code
+}
+
+fn parse_inspect(text: &str) -> Result<crate::protocol::control::Inspect, String> {
+    crate::protocol::control::Inspect::parse(text)
+        .ok_or_else(|| format!("`{text}`: ask ping, registered, active or stats"))
+}
+
+/// Sends one inspect request to every worker; prints the answers that come within `timeout`.
+async fn inspect(
+    client: &Client,
+    what: crate::protocol::control::Inspect,
+    timeout: Duration,
+) -> u8 {
+    use crate::protocol::control::Request;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let exchange = crate::protocol::topology::control_exchange(client.namespace());
+    let asked = async {
+        let session = client.session().await.map_err(|e| e.to_string())?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::transport::topology::declare_control(&channel, &exchange)
+            .await
+            .map_err(|e| format!("declaring `{exchange}`: {e}"))?;
+        let queue = format!(
+            "{exchange}.answers.{}",
+            crate::protocol::trace::random_uuid().simple()
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .await
+            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming `{queue}`: {e}"))?;
+        let body = serde_json::to_vec(&Request { inspect: what }).map_err(|e| e.to_string())?;
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_reply_to(queue.as_str().into()),
+            )
+            .await
+            .map_err(|e| format!("publishing to `{exchange}`: {e}"))?;
+        Ok::<_, String>((channel, consumer))
+    };
+    let (channel, mut consumer) = match tokio::time::timeout(Duration::from_secs(30), asked).await {
+        Ok(Ok(asked)) => asked,
+        Ok(Err(error)) => {
+            eprintln!("amqp-tasks: {error}");
+            return EXIT_CONNECTION;
+        }
+        Err(_) => {
+            eprintln!("amqp-tasks: the broker did not answer in time");
+            return EXIT_TIMEOUT;
+        }
+    };
+    let mut answers = 0;
+    let until = tokio::time::Instant::now() + timeout;
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout_at(until, crate::transport::next(&mut consumer)).await
+    {
+        answers += 1;
+        println!("{}", String::from_utf8_lossy(&delivery.data));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "done".into())).await;
+    if answers == 0 {
+        eprintln!("amqp-tasks: no worker answered within {timeout:?}");
+        EXIT_TIMEOUT
+    } else {
+        EXIT_OK
+    }
 }
 
 /// Prints events until interrupted (0) or the connection drops (4).

@@ -306,7 +306,10 @@ impl Drop for TestEnv {
         ]
         .map(|kind| amqp_tasks::topology::delay_exchange_of(Some(&self.namespace), kind))
         .into_iter()
-        .chain([amqp_tasks::topology::events_exchange(Some(&self.namespace))]);
+        .chain([
+            amqp_tasks::topology::events_exchange(Some(&self.namespace)),
+            amqp_tasks::topology::control_exchange(Some(&self.namespace)),
+        ]);
         let url = self.url.clone();
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own (the test's may be gone, or panicking), and a bound on the wait:

@@ -298,3 +298,97 @@ async fn events_tell_each_task_received_started_then_its_outcome() {
     })
     .await;
 }
+
+/// `amqp-tasks inspect ...`: (exit code, each answer parsed, stderr).
+async fn inspect(env: &TestEnv, args: &[&str]) -> (i32, Vec<serde_json::Value>, String) {
+    let mut all = vec!["inspect"];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = env.run(SHELL, &all).await;
+    let answers = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    (code, answers, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_ping_is_answered_by_every_worker_and_active_shows_a_running_task() {
+    let env = TestEnv::new("inspect");
+    bounded(LIMIT, async {
+        // No worker: nobody answers, exit 3.
+        let (code, answers, stderr) = inspect(&env, &["ping", "--timeout", "300ms"]).await;
+        assert_eq!((code, answers.len()), (3, 0), "{stderr}");
+        assert!(stderr.contains("no worker answered"), "{stderr}");
+
+        let first = env.worker(WORKER, &["--tasks", "touch,add"]).ready().await;
+        let second = env.worker(WORKER, &["--tasks", "touch,add"]).ready().await;
+        for worker in [&first, &second] {
+            worker.wait_for("answering inspect requests").await;
+        }
+        let (code, answers, stderr) = inspect(&env, &["ping"]).await;
+        assert_eq!(code, 0, "{stderr}");
+        let mut workers: Vec<String> = answers
+            .iter()
+            .map(|a| {
+                assert_eq!(a["pong"], true, "{a}");
+                a["worker"].as_str().expect("an id").to_owned()
+            })
+            .collect();
+        workers.sort();
+        let mut expected = vec![format!(":{}", first.pid()), format!(":{}", second.pid())];
+        expected.sort();
+        assert_eq!(workers.len(), 2, "two answers: {answers:?}");
+        for pid in &expected {
+            assert!(
+                workers.iter().any(|w| w.ends_with(pid.as_str())),
+                "{workers:?}"
+            );
+        }
+
+        let (code, answers, _) = inspect(&env, &["registered"]).await;
+        assert_eq!((code, answers.len()), (0, 2));
+        for answer in &answers {
+            assert_eq!(
+                answer["tasks"],
+                serde_json::json!(["add", "touch"]),
+                "{answer}"
+            );
+        }
+
+        // A task that runs for a while shows in `active`, on the worker running it.
+        let client = env.client().await;
+        let marker = env.path("long");
+        let id = touch::new(marker.clone(), 5_000)
+            .delay(&client)
+            .await
+            .expect("delay")
+            .to_string();
+        let started = format!("{marker}.started");
+        amqp_tasks_tests::harness::eventually("the task to start", PATIENCE, || {
+            std::fs::metadata(&started).ok()
+        })
+        .await;
+        let (code, answers, _) = inspect(&env, &["active", "--timeout", "1s"]).await;
+        assert_eq!((code, answers.len()), (0, 2));
+        let running: Vec<&serde_json::Value> = answers
+            .iter()
+            .flat_map(|a| a["active"].as_array().expect("a list"))
+            .collect();
+        assert_eq!(running.len(), 1, "{answers:?}");
+        assert_eq!(running[0]["task"], "touch");
+        assert_eq!(running[0]["id"], id.as_str());
+        assert!(running[0]["running_ms"].as_u64().is_some(), "{answers:?}");
+
+        let (code, answers, _) = inspect(&env, &["stats"]).await;
+        assert_eq!((code, answers.len()), (0, 2));
+        let in_flight: u64 = answers
+            .iter()
+            .map(|a| a["in_flight"].as_u64().unwrap())
+            .sum();
+        assert_eq!(in_flight, 1, "{answers:?}");
+
+        let (code, _, stderr) = inspect(&env, &["nonsense"]).await;
+        assert_eq!(code, 2, "{stderr}");
+    })
+    .await;
+}

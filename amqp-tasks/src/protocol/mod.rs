@@ -9,6 +9,7 @@
 //! the wire format is [`crate::wire`].
 
 pub mod codec;
+pub(crate) mod control;
 pub(crate) mod dead_letter;
 pub(crate) mod duration;
 pub(crate) mod event;

@@ -195,6 +195,12 @@ pub fn events_exchange(namespace: Option<&str>) -> String {
     queue_name(namespace, "amqp-tasks.events")
 }
 
+/// The control exchange, `<namespace>.amqp-tasks.control`: a durable fanout exchange to which
+/// `amqp-tasks inspect` sends its requests; every live worker has a queue of its own bound to it.
+pub fn control_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.control")
+}
+
 /// The dead-letter queue of a task queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")

@@ -1,5 +1,5 @@
 //! Declaring the topology: the delay exchange and its bucket queues, task queues and their
-//! dead-letter queues, the events exchange, with the names and arguments `protocol::topology` fixes. The one place
+//! dead-letter queues, the events and control exchanges, with the names and arguments `protocol::topology` fixes. The one place
 //! that declares; clients never call it (they publish with `mandatory` instead).
 
 use crate::protocol::topology::{
@@ -94,6 +94,22 @@ pub(crate) async fn declare_events(channel: &Channel, exchange: &str) -> Result<
         .exchange_declare(
             exchange.into(),
             ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the control exchange (a durable fanout exchange; idempotent: workers and
+/// `amqp-tasks inspect` declare it alike).
+pub(crate) async fn declare_control(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()

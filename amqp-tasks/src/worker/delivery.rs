@@ -156,6 +156,7 @@ pub(crate) async fn handle(
 pub(crate) struct Ended {
     pub(crate) task: &'static str,
     pub(crate) outcome: Outcome,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) ran_for: Option<std::time::Duration>,
     pub(crate) detail: Option<observe::Detail>,
 }
@@ -244,7 +245,7 @@ async fn run<'a>(
     );
     span.in_scope(|| tracing::debug!("task started"));
     shared.observer.started(task.name(), id, headers.attempt);
-    let running = shared.observer.running();
+    let running = shared.observer.running(task.name(), id);
     let ran = (task.run)(ctx, codec, &delivery.data)
         .instrument(span.clone())
         .await;

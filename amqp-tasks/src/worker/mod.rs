@@ -31,6 +31,7 @@ pub(crate) mod admit;
 #[cfg(feature = "cli")]
 pub(crate) mod cli;
 mod consume;
+pub(crate) mod control;
 pub(crate) mod delivery;
 pub(crate) mod dispose;
 pub mod dlq;
@@ -176,9 +177,19 @@ impl Worker {
                 client.queue_name(task.queue())
             );
         }
+        let control = Arc::new(control::Control::new(
+            events::worker_id(),
+            tasks.iter().map(|t| t.name()).collect(),
+            settings.concurrency,
+        ));
+        let _control_listener = AbortOnDrop(tokio::spawn(control::listen(
+            client.clone(),
+            control.clone(),
+        )));
         #[allow(unused_mut)]
         let mut observer = observe::Observer {
             events: settings.events.then(|| events::Events::start(&client)),
+            control: Some(control),
             ..observe::Observer::default()
         };
         #[cfg(feature = "metrics")]
@@ -479,10 +490,8 @@ pub(crate) struct Shared {
 }
 
 /// A background task that ends with its owner.
-#[cfg(feature = "metrics")]
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-#[cfg(feature = "metrics")]
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();

@@ -5,6 +5,7 @@
 //! [`events`](super::events) (`--events`). With nothing turned on, each report is a branch or two.
 
 use super::QueueState;
+use super::control::Control;
 use super::delivery::Ended;
 use super::events::Events;
 use crate::protocol::headers::TaskHeaders;
@@ -20,6 +21,8 @@ pub(crate) struct Observer {
     #[cfg(feature = "metrics")]
     pub(crate) metrics: Option<Arc<Metrics>>,
     pub(crate) events: Option<Arc<Events>>,
+    /// What `inspect` is answered from.
+    pub(crate) control: Option<Arc<Control>>,
 }
 
 /// What events say of a message besides its task and outcome (kept only with events on).
@@ -30,19 +33,20 @@ pub(crate) struct Detail {
     pub(crate) error: Option<String>,
 }
 
-/// A handler counted as running until dropped.
+/// A handler counted as running (in flight, and active for `inspect`) until dropped.
 pub(crate) struct Running<'a> {
-    #[cfg(feature = "metrics")]
-    metrics: Option<&'a Metrics>,
-    #[cfg(not(feature = "metrics"))]
-    _observer: std::marker::PhantomData<&'a Observer>,
+    observer: &'a Observer,
+    key: Option<u64>,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         #[cfg(feature = "metrics")]
-        if let Some(metrics) = self.metrics {
+        if let Some(metrics) = &self.observer.metrics {
             metrics.running(-1);
+        }
+        if let (Some(control), Some(key)) = (&self.observer.control, self.key) {
+            control.leave(key);
         }
     }
 }
@@ -63,6 +67,9 @@ impl Observer {
 
     /// A message settled for good.
     pub(crate) fn settled(&self, ended: &Ended) {
+        if let Some(control) = &self.control {
+            control.settled(ended.outcome);
+        }
         #[cfg(feature = "metrics")]
         if let Some(metrics) = &self.metrics {
             metrics.settled(ended.task, ended.outcome, ended.ran_for);
@@ -137,18 +144,14 @@ impl Observer {
     }
 
     /// A handler starts running; it counts as in flight until the guard is dropped.
-    pub(crate) fn running(&self) -> Running<'_> {
+    pub(crate) fn running(&self, task: &'static str, id: &str) -> Running<'_> {
         #[cfg(feature = "metrics")]
-        {
-            let metrics = self.metrics.as_deref();
-            if let Some(metrics) = metrics {
-                metrics.running(1);
-            }
-            Running { metrics }
+        if let Some(metrics) = &self.metrics {
+            metrics.running(1);
         }
-        #[cfg(not(feature = "metrics"))]
         Running {
-            _observer: std::marker::PhantomData,
+            observer: self,
+            key: self.control.as_ref().map(|control| control.enter(task, id)),
         }
     }
 }
