@@ -5,6 +5,7 @@
 //! amqp-tasks queues <task>... [--json]
 //! amqp-tasks events [--task NAME]
 //! amqp-tasks inspect ping|registered|active|stats [--timeout 1s]
+//! amqp-tasks revoke <task id>... [--terminate]
 //! ```
 //!
 //! Both take `--url` (env `AMQP_URL`, default [`DEFAULT_URL`]) and `--namespace`
@@ -32,6 +33,12 @@
 //! runs now (`active`: task, id, for how long) or its counters (`stats`), and prints each
 //! answer received within `--timeout` (default 1 s) as one JSON line. It exits 0 when at least
 //! one worker answered, 3 when none did.
+//!
+//! `revoke` appends the ids to the namespace's revocations stream (declared with the workers'
+//! arguments; kept 24 h), which every worker reads before it takes tasks: a revoked task that has
+//! not started is not run, nor dead-lettered, and a `.call()` waiting for it gets
+//! [`CallError::Revoked`]. With `--terminate` a run in progress is cancelled too. It exits 0 once
+//! the broker confirmed the revocation.
 //!
 //! # Exit codes
 //!
@@ -120,6 +127,15 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = duration::parse)]
         timeout: Duration,
     },
+    /// Revoke tasks by id: not run by any worker (kept 24 h); --terminate cancels running ones.
+    Revoke {
+        /// The task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Also cancel the tasks where they run now.
+        #[arg(long)]
+        terminate: bool,
+    },
     /// Print each task queue's ready messages, consumers and dead letters.
     Queues {
         /// Task names (or the queue names of tasks grouped with `queue = "..."`).
@@ -171,7 +187,10 @@ async fn run(cli: Cli) -> u8 {
                 }
             }
         }
-        Command::Queues { .. } | Command::Events { .. } | Command::Inspect { .. } => None,
+        Command::Queues { .. }
+        | Command::Events { .. }
+        | Command::Inspect { .. }
+        | Command::Revoke { .. } => None,
     };
     let client = match builder.connect().await {
         Ok(client) => client,
@@ -207,9 +226,68 @@ async fn run(cli: Cli) -> u8 {
         Command::Queues { tasks, json } => queues(&client, &tasks, json).await,
         Command::Events { task } => events(&client, task.as_deref()).await,
         Command::Inspect { what, timeout } => inspect(&client, what, timeout).await,
+        Command::Revoke { ids, terminate } => revoke(&client, ids, terminate).await,
     };
     client.close().await;
     code
+}
+
+/// Appends a revocation to the stream and waits for the broker's confirm.
+async fn revoke(client: &Client, ids: Vec<String>, terminate: bool) -> u8 {
+    use crate::protocol::control::Revocation;
+    let queue = crate::protocol::topology::revocations_queue(client.namespace());
+    let declared = async {
+        let session = client.session().await.map_err(|e| e.to_string())?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::transport::topology::declare_revocations(&channel, &queue)
+            .await
+            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(30), declared).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            eprintln!("amqp-tasks: {error}");
+            return EXIT_CONNECTION;
+        }
+        Err(_) => {
+            eprintln!("amqp-tasks: the broker did not answer in time");
+            return EXIT_TIMEOUT;
+        }
+    }
+    let count = ids.len();
+    let Ok(body) = serde_json::to_vec(&Revocation::Revoke { ids, terminate }) else {
+        return EXIT_FAILED;
+    };
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    let deadline = tokio::time::Instant::now() + client.confirm_timeout();
+    match client
+        .publish(&queue, &body, properties, None, deadline)
+        .await
+    {
+        Ok(()) => {
+            println!(
+                "revoked {count} task(s){}",
+                if terminate {
+                    " (terminating running ones)"
+                } else {
+                    ""
+                }
+            );
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("amqp-tasks: {}: {error}", error.kind());
+            exit_code(&error)
+        }
+    }
 }
 
 fn parse_inspect(text: &str) -> Result<crate::protocol::control::Inspect, String> {

@@ -117,6 +117,7 @@ impl TestEnv {
                         })
                     }),
             )
+            .chain([amqp_tasks::topology::revocations_queue(Some(&namespace))])
             .collect();
         TestEnv {
             namespace,

@@ -392,3 +392,125 @@ async fn inspect_ping_is_answered_by_every_worker_and_active_shows_a_running_tas
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_task_never_runs_even_on_a_worker_started_after_the_revoke() {
+    let env = TestEnv::new("revoke");
+    bounded(LIMIT, async {
+        let mut first = env.worker(WORKER, &["--tasks", "record,add"]).ready().await;
+        let client = env.client().await;
+        let path = env.path("record");
+        let delayed = format!("revoked-delay-{}", uuid::Uuid::new_v4().simple());
+        let called = format!("revoked-call-{}", uuid::Uuid::new_v4().simple());
+        let kept = format!("kept-{}", uuid::Uuid::new_v4().simple());
+        let countdown = Duration::from_secs(3);
+        record::new(path.clone(), 1)
+            .task_id(delayed.clone())
+            .countdown(countdown)
+            .delay(&client)
+            .await
+            .expect("delay");
+        record::new(path.clone(), 2)
+            .task_id(kept.clone())
+            .countdown(countdown)
+            .delay(&client)
+            .await
+            .expect("delay");
+        let waiting = {
+            let (client, called) = (client.clone(), called.clone());
+            tokio::spawn(async move {
+                add::new(1, 2)
+                    .task_id(called)
+                    .countdown(countdown)
+                    .timeout(Duration::from_secs(20))
+                    .call(&client)
+                    .await
+            })
+        };
+        let (code, stdout, stderr) = env.run(SHELL, &["revoke", &delayed, &called]).await;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("revoked 2 task(s)"), "{stdout}");
+        // The worker that saw the revoke goes away before the countdowns end: the one that runs
+        // them read the revocation from the broker when it started.
+        first.signal("KILL");
+        first.exit(PATIENCE).await;
+        let second = env.worker(WORKER, &["--tasks", "record,add"]).ready().await;
+        let answer = waiting.await.expect("the call's task");
+        assert_eq!(answer, Err(amqp_tasks::CallError::Revoked));
+        // The task not revoked runs; the revoked one never does, and is not dead-lettered.
+        amqp_tasks_tests::harness::eventually("the kept task to run", PATIENCE, || {
+            std::fs::read_to_string(&path)
+                .ok()
+                .filter(|t| t.contains('2'))
+        })
+        .await;
+        second.wait_for(&format!("id=\"{delayed}\"")).await;
+        env.settled("record").await;
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "2");
+        assert_eq!(env.depth("record.dlq").await, 0);
+        assert_eq!(env.depth("add.dlq").await, 0);
+        let line = second.wait_for("revoked: not run").await;
+        assert!(line.contains(&delayed) || line.contains(&called), "{line}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_with_terminate_cancels_a_running_task() {
+    let env = TestEnv::new("terminate");
+    bounded(LIMIT, async {
+        let worker = env
+            .worker(WORKER, &["--tasks", "touch", "--events"])
+            .ready()
+            .await;
+        let listener = listen(&env, &["--task", "touch"]).await;
+        let client = env.client().await;
+        let marker = env.path("long");
+        let id = format!("terminated-{}", uuid::Uuid::new_v4().simple());
+        let waiting = {
+            let (client, marker, id) = (client.clone(), marker.clone(), id.clone());
+            tokio::spawn(async move {
+                touch::new(marker, 20_000)
+                    .task_id(id)
+                    .timeout(Duration::from_secs(40))
+                    .call(&client)
+                    .await
+            })
+        };
+        let started = format!("{marker}.started");
+        amqp_tasks_tests::harness::eventually("the task to start", PATIENCE, || {
+            std::fs::metadata(&started).ok()
+        })
+        .await;
+        let begun = Instant::now();
+        let (code, _, stderr) = env.run(SHELL, &["revoke", &id, "--terminate"]).await;
+        assert_eq!(code, 0, "{stderr}");
+        let answer = waiting.await.expect("the call's task");
+        assert_eq!(answer, Err(amqp_tasks::CallError::Revoked));
+        assert!(
+            begun.elapsed() < Duration::from_secs(15),
+            "cancelled, not finished"
+        );
+        worker
+            .wait_for("task revoked while running: cancelled")
+            .await;
+        env.settled("touch").await;
+        assert_eq!(env.depth("touch.dlq").await, 0, "not dead-lettered");
+        assert!(std::fs::metadata(format!("{marker}.done")).is_err());
+        // Its outcome is `revoked`.
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let events = printed(&listener);
+            if let Some(event) = events
+                .iter()
+                .find(|e| e["id"] == id.as_str() && e["event"] == "revoked")
+            {
+                assert_eq!(event["task"], "touch");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no revoked event: {events:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

@@ -1,6 +1,6 @@
-//! Control messages (`amqp-tasks inspect`): the request a command sends to every worker of a
+//! Control messages (`amqp-tasks inspect`, `amqp-tasks revoke`): the request a command sends to every worker of a
 //! namespace through the control exchange (fanout), and the answer each live worker sends back to
-//! its `reply_to`. Pure data, JSON on the wire.
+//! its `reply_to`; the messages of the revocations stream. Pure data, JSON on the wire.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,16 @@ pub(crate) struct Request {
     pub(crate) inspect: Inspect,
 }
 
+/// A message of the revocations stream: task ids revoked (and whether to cancel them where
+/// they run), or a worker's own marker, appended to know where the stream ended when it started
+/// reading.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Revocation {
+    Revoke { ids: Vec<String>, terminate: bool },
+    Marker(String),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,5 +56,12 @@ mod tests {
         assert_eq!(back.inspect, Inspect::Active);
         assert_eq!(Inspect::parse("stats"), Some(Inspect::Stats));
         assert_eq!(Inspect::parse("nope"), None);
+        let revoke = Revocation::Revoke {
+            ids: vec!["a".into()],
+            terminate: true,
+        };
+        let text = serde_json::to_string(&revoke).unwrap();
+        assert_eq!(text, r#"{"revoke":{"ids":["a"],"terminate":true}}"#);
+        assert_eq!(serde_json::from_str::<Revocation>(&text).unwrap(), revoke);
     }
 }

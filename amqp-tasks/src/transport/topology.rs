@@ -1,5 +1,5 @@
 //! Declaring the topology: the delay exchange and its bucket queues, task queues and their
-//! dead-letter queues, the events and control exchanges, with the names and arguments `protocol::topology` fixes. The one place
+//! dead-letter queues, the events and control exchanges, the revocations stream, with the names and arguments `protocol::topology` fixes. The one place
 //! that declares; clients never call it (they publish with `mandatory` instead).
 
 use crate::protocol::topology::{
@@ -117,4 +117,20 @@ pub(crate) async fn declare_control(channel: &Channel, exchange: &str) -> Result
             FieldTable::default(),
         )
         .await
+}
+
+/// Declares the revocations stream with its one set of arguments (workers and
+/// `amqp-tasks revoke` alike).
+pub(crate) async fn declare_revocations(
+    channel: &Channel,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            crate::protocol::topology::revocations_arguments(),
+        )
+        .await
+        .map(|_| ())
 }

@@ -3,7 +3,8 @@
 //! `amqp-tasks.control` (fanout), and answers each request to its `reply_to` with what it is:
 //! its id (`<host>:<pid>`) and uptime, its tasks, what runs now (task, id, for how long), its
 //! outcome counters. It keeps the handlers running now ([`Control::enter`]) and the counters;
-//! the listener reopens its channel when it is lost. Requests are authenticated by the broker
+//! the listener reopens its channel when it is lost. A run can be terminated
+//! ([`Control::terminate`], for `revoke --terminate`). Requests are authenticated by the broker
 //! only (vhost permissions).
 
 use crate::client::Client;
@@ -18,9 +19,10 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// How long opening the control channel, or answering, may take.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -30,6 +32,8 @@ struct Active {
     task: &'static str,
     id: String,
     since: Instant,
+    /// Notified to cancel it (`revoke --terminate`).
+    stop: Arc<Notify>,
 }
 
 /// What `inspect` is answered from.
@@ -87,18 +91,35 @@ impl Control {
         }
     }
 
-    /// A handler starts: kept as active until [`Control::leave`] with the key returned.
-    pub(crate) fn enter(&self, task: &'static str, id: &str) -> u64 {
+    /// A handler starts: kept as active until [`Control::leave`] with the key returned; the
+    /// [`Notify`] returned is notified if it is terminated.
+    pub(crate) fn enter(&self, task: &'static str, id: &str) -> (u64, Arc<Notify>) {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
         let active = Active {
             task,
             id: id.to_owned(),
             since: Instant::now(),
+            stop: stop.clone(),
         };
         if let Ok(mut running) = self.active.lock() {
             running.insert(key, active);
         }
-        key
+        (key, stop)
+    }
+
+    /// Cancels every run of task `id` here; returns how many there were.
+    pub(crate) fn terminate(&self, id: &str) -> usize {
+        let Ok(running) = self.active.lock() else {
+            return 0;
+        };
+        let mut cancelled = 0;
+        for active in running.values().filter(|a| a.id == id) {
+            // A stored permit: the run sees it even if it is not waiting yet.
+            active.stop.notify_one();
+            cancelled += 1;
+        }
+        cancelled
     }
 
     pub(crate) fn leave(&self, key: u64) {
@@ -243,10 +264,26 @@ async fn open(client: &Client, exchange: &str) -> Option<(Channel, Consumer)> {
 mod tests {
     use super::*;
 
+    fn tokio_test_ready(stop: &Notify) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let notified = runtime.block_on(tokio::time::timeout(
+            Duration::from_secs(1),
+            stop.notified(),
+        ));
+        assert!(notified.is_ok(), "a terminated run is told");
+    }
+
     #[test]
     fn answers_say_what_runs_and_what_ended() {
         let control = Control::new("host:1".into(), vec!["add", "sleep_ms"], 8);
-        let key = control.enter("sleep_ms", "id-1");
+        let (key, stop) = control.enter("sleep_ms", "id-1");
+        assert_eq!(control.terminate("id-2"), 0);
+        assert_eq!(control.terminate("id-1"), 1);
+        // The permit is kept until the run waits for it.
+        tokio_test_ready(&stop);
         control.settled(Outcome::Succeeded);
         control.settled(Outcome::Succeeded);
         control.settled(Outcome::Failed);

@@ -96,6 +96,11 @@ pub(crate) async fn handle(
             .redelivered(observe::task_label(&queue, &delivery));
     }
     let work = async {
+        if let Some(revoked) = revoked(&shared, &queue, &delivery) {
+            drop(permit);
+            let settle = dispose(&shared, &queue, &delivery, revoked.0).await;
+            return (settle, Some(revoked.1));
+        }
         let (disposition, ended) = match admit(&shared, &queue, &delivery).await {
             Admission::Run(admitted) => {
                 let task = admitted.task.name();
@@ -184,6 +189,42 @@ fn refused(
     })
 }
 
+/// A delivery whose task id was revoked (`amqp-tasks revoke`): not run, answered with
+/// `revoked`, not dead-lettered.
+fn revoked<'a>(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+) -> Option<(Disposition<'a>, Ended)> {
+    let id = delivery.properties.message_id().as_ref()?.as_str();
+    if !shared.revocations.contains(id) {
+        return None;
+    }
+    let task = observe::task_label(queue, delivery);
+    tracing::info!(task, id, "revoked: not run");
+    let codec = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .and_then(|c| Codec::from_content_type(c.as_str()))
+        .unwrap_or(Codec::Json);
+    let message = "revoked before it ran".to_owned();
+    let detail = shared
+        .observer
+        .wants_detail()
+        .then(|| observe::detail(delivery, Some(&message)));
+    let ended = Ended {
+        task,
+        outcome: Outcome::Revoked,
+        ran_for: None,
+        detail,
+    };
+    Some((
+        Disposition::failure(codec, ErrorKind::Revoked, message, false),
+        ended,
+    ))
+}
+
 /// Executes an admitted delivery with its context, then decides what its outcome means. A task of
 /// the redelivered lane runs alone: it waits for every other task of the worker to finish, and
 /// none starts until it has.
@@ -246,11 +287,29 @@ async fn run<'a>(
     span.in_scope(|| tracing::debug!("task started"));
     shared.observer.started(task.name(), id, headers.attempt);
     let running = shared.observer.running(task.name(), id);
-    let ran = (task.run)(ctx, codec, &delivery.data)
-        .instrument(span.clone())
-        .await;
+    let handler = (task.run)(ctx, codec, &delivery.data).instrument(span.clone());
+    let ran = match running.stop.clone() {
+        Some(stop) => tokio::select! {
+            biased;
+            ran = handler => Some(ran),
+            () = stop.notified() => None,
+        },
+        None => Some(handler.await),
+    };
     drop(running);
     slot.finish();
+    let Some(ran) = ran else {
+        // Revoked with --terminate while it ran: cancelled, answered, not dead-lettered.
+        let message = "revoked: cancelled while running".to_owned();
+        span.in_scope(|| tracing::info!("task revoked while running: cancelled"));
+        let detail = shared.observer.wants_detail().then(|| observe::Detail {
+            id: id.to_owned(),
+            attempt: headers.attempt,
+            error: Some(message.clone()),
+        });
+        let disposition = Disposition::failure(codec, ErrorKind::Revoked, message, false);
+        return (disposition, Outcome::Revoked, detail);
+    };
     let ended = match &ran {
         execute::Outcome::Value(_) => Outcome::Succeeded,
         execute::Outcome::TaskError { .. } => Outcome::Failed,

@@ -42,6 +42,7 @@ pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod presence;
 pub mod registry;
+pub(crate) mod revoke;
 pub(crate) mod settle;
 
 #[cfg(feature = "cli")]
@@ -68,6 +69,8 @@ use tokio::sync::{Notify, RwLock, Semaphore, watch};
 
 /// How long declaring the topology and starting the consumers of a session may take.
 const OPEN_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a worker waits, at start-up, to have read the revocations stream.
+const REVOCATIONS_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Default of [`WorkerBuilder::concurrency`].
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -186,6 +189,19 @@ impl Worker {
             client.clone(),
             control.clone(),
         )));
+        // Revoked tasks are known before any task is taken (bounded: a broker that cannot
+        // serve the stream does not keep the worker from serving).
+        let revocations = Arc::new(revoke::Revocations::default());
+        let _revocations_reader = AbortOnDrop(tokio::spawn(revoke::follow(
+            client.clone(),
+            revocations.clone(),
+            control.clone(),
+        )));
+        if !revocations.ready(REVOCATIONS_PATIENCE).await {
+            tracing::warn!(
+                "the revocations stream could not be read within {REVOCATIONS_PATIENCE:?}; serving without it for now"
+            );
+        }
         #[allow(unused_mut)]
         let mut observer = observe::Observer {
             events: settings.events.then(|| events::Events::start(&client)),
@@ -204,6 +220,7 @@ impl Worker {
         };
         let shared = Arc::new(Shared {
             observer,
+            revocations,
             stopping: watch::Sender::new(false),
             abandon: watch::Sender::new(false),
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
@@ -487,6 +504,8 @@ pub(crate) struct Shared {
     pub(crate) states: Arc<States>,
     /// Where reports on the messages handled go (metrics, events).
     pub(crate) observer: observe::Observer,
+    /// The task ids revoked.
+    pub(crate) revocations: Arc<revoke::Revocations>,
 }
 
 /// A background task that ends with its owner.

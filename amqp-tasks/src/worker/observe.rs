@@ -37,6 +37,8 @@ pub(crate) struct Detail {
 pub(crate) struct Running<'a> {
     observer: &'a Observer,
     key: Option<u64>,
+    /// Notified when the run is terminated (`revoke --terminate`).
+    pub(crate) stop: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Drop for Running<'_> {
@@ -149,9 +151,12 @@ impl Observer {
         if let Some(metrics) = &self.metrics {
             metrics.running(1);
         }
+        let entered = self.control.as_ref().map(|control| control.enter(task, id));
+        let (key, stop) = entered.map_or((None, None), |(key, stop)| (Some(key), Some(stop)));
         Running {
             observer: self,
-            key: self.control.as_ref().map(|control| control.enter(task, id)),
+            key,
+            stop,
         }
     }
 }
