@@ -203,7 +203,8 @@ pub fn control_exchange(namespace: Option<&str>) -> String {
 
 /// The revocations stream, `<namespace>.amqp-tasks.revoked`: `amqp-tasks revoke` appends to it,
 /// every worker reads it from its first message before it takes tasks (and then follows it).
-/// A stream queue (durable), with exactly [`revocations_arguments`].
+/// A stream queue (durable), always declared with the same arguments: `x-queue-type` `stream`,
+/// `x-max-age` [`REVOCATION_RETENTION`], `x-stream-max-segment-size-bytes` 1,000,000.
 pub fn revocations_queue(namespace: Option<&str>) -> String {
     queue_name(namespace, "amqp-tasks.revoked")
 }

@@ -269,10 +269,9 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let notified = runtime.block_on(tokio::time::timeout(
-            Duration::from_secs(1),
-            stop.notified(),
-        ));
+        let notified = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), stop.notified()).await
+        });
         assert!(notified.is_ok(), "a terminated run is told");
     }
 
