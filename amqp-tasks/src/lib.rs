@@ -145,6 +145,8 @@
 //! - `cli` (default): the `worker` binary's command line ([`worker::main`]), the `amqp-tasks`
 //!   shell command ([`shell`]), and logging to stderr. Turn it off (`default-features = false`)
 //!   to embed a worker without clap and tracing-subscriber.
+//! - `metrics` (default): [`WorkerBuilder::metrics_addr`] (`worker --metrics-addr`), Prometheus
+//!   metrics over HTTP, with `prometheus-client` and hyper.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]

@@ -210,6 +210,49 @@ pub(crate) fn beat_queue_arguments() -> FieldTable {
     arguments
 }
 
+/// The events exchange, `<namespace>.amqp-tasks.events`: a durable topic exchange to which
+/// workers started with `--events` publish task events (routing key `task.<event>.<task name>`)
+/// and worker events (`worker.<event>`), transient, as JSON.
+pub fn events_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.events")
+}
+
+/// The control exchange, `<namespace>.amqp-tasks.control`: a durable fanout exchange to which
+/// `amqp-tasks inspect` sends its requests; every live worker has a queue of its own bound to it.
+pub fn control_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.control")
+}
+
+/// The revocations stream, `<namespace>.amqp-tasks.revoked`: `amqp-tasks revoke` appends to it,
+/// every worker reads it from its first message before it takes tasks (and then follows it).
+/// A stream queue (durable), always declared with the same arguments: `x-queue-type` `stream`,
+/// `x-max-age` [`REVOCATION_RETENTION`], `x-stream-max-segment-size-bytes` 1,000,000.
+pub fn revocations_queue(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.revoked")
+}
+
+/// How long revocations are kept (`x-max-age`).
+pub const REVOCATION_RETENTION: &str = "24h";
+
+/// The revocations stream's arguments, the same for every declare: a stream kept 24 h, in small
+/// segments (the broker drops whole segments only).
+pub(crate) fn revocations_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    arguments.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(REVOCATION_RETENTION.into()),
+    );
+    arguments.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(1_000_000),
+    );
+    arguments
+}
+
 /// The dead-letter queue of a task queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")

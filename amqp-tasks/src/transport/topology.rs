@@ -1,5 +1,6 @@
 //! Declaring the topology: the delay exchange and its bucket queues, task queues and their
-//! dead-letter queues, the scheduler's election queue, with the names and arguments `protocol::topology` fixes. The one place
+//! dead-letter queues, the scheduler's election queue, the events and control exchanges, the
+//! revocations stream, with the names and arguments `protocol::topology` fixes. The one place
 //! that declares; clients never call it (they publish with `mandatory` instead).
 
 use crate::protocol::topology::{
@@ -101,4 +102,52 @@ pub(crate) async fn declare_beat_queue(
             beat_queue_arguments(),
         )
         .await
+}
+
+/// Declares the events exchange (a durable topic exchange; idempotent: workers with `--events`
+/// and `amqp-tasks events` declare it alike).
+pub(crate) async fn declare_events(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the control exchange (a durable fanout exchange; idempotent: workers and
+/// `amqp-tasks inspect` declare it alike).
+pub(crate) async fn declare_control(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the revocations stream with its one set of arguments (workers and
+/// `amqp-tasks revoke` alike).
+pub(crate) async fn declare_revocations(
+    channel: &Channel,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            crate::protocol::topology::revocations_arguments(),
+        )
+        .await
+        .map(|_| ())
 }

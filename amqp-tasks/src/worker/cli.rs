@@ -42,6 +42,13 @@ struct Cli {
     /// Redeliveries of a message (its worker died running it) before it is dead-lettered.
     #[arg(long, env = "AMQP_TASKS_MAX_REDELIVERIES", default_value_t = super::DEFAULT_MAX_REDELIVERIES)]
     max_redeliveries: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
+    #[cfg(feature = "metrics")]
+    #[arg(long, env = "AMQP_TASKS_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Publish task and worker events (JSON) to the topic exchange `amqp-tasks.events`.
+    #[arg(long, env = "AMQP_TASKS_EVENTS")]
+    events: bool,
     /// Worker threads of the runtime [default: one per core].
     #[arg(long, env = "AMQP_TASKS_THREADS")]
     threads: Option<usize>,
@@ -167,9 +174,14 @@ where
             .queue_type(cli.queue_type)
             .max_body_size(cli.max_body_size)
             .max_redeliveries(cli.max_redeliveries)
-            .beat(cli.beat);
+            .beat(cli.beat)
+            .events(cli.events);
         if let Some(prefetch) = cli.prefetch {
             builder = builder.prefetch(prefetch);
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(addr) = cli.metrics_addr {
+            builder = builder.metrics_addr(addr);
         }
         if let Some(filter) = filter {
             builder = builder.tasks(filter);

@@ -15,18 +15,35 @@
 //! - Bad input and failed handlers are answered (where `reply_to` is set) and dead-lettered.
 //! - On shutdown: consumers are cancelled, prefetched tasks not started are requeued, tasks in
 //!   flight finish within the grace period, every ack is sent, then `serve` returns.
+//!
+//! # Metrics
+//!
+//! With [`WorkerBuilder::metrics_addr`] (`worker --metrics-addr`, env `AMQP_TASKS_METRICS_ADDR`;
+//! feature `metrics`, on by default) the worker serves `GET /metrics` in the Prometheus text
+//! format: `amqp_tasks_tasks_total{task, outcome}` (each message settled for good, with its
+//! outcome: `succeeded`, `retried`, `failed`, `panicked`, `time_limit`, `rejected`, `revoked`),
+//! `amqp_tasks_dead_letters_total{task, reason}` (counted apart: a failed or rejected message may
+//! also be dead-lettered), `amqp_tasks_task_duration_seconds{task}` (a histogram of handler run
+//! times), `amqp_tasks_tasks_in_flight`, `amqp_tasks_redeliveries_total{task}` and
+//! `amqp_tasks_broker_sessions_total`.
 
 pub(crate) mod admit;
 pub(crate) mod beat;
 #[cfg(feature = "cli")]
 pub(crate) mod cli;
 mod consume;
+pub(crate) mod control;
 pub(crate) mod delivery;
 pub(crate) mod dispose;
 pub mod dlq;
+pub(crate) mod events;
 pub(crate) mod execute;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
+pub(crate) mod observe;
 pub(crate) mod presence;
 pub mod registry;
+pub(crate) mod revoke;
 pub(crate) mod settle;
 
 #[cfg(feature = "cli")]
@@ -53,6 +70,8 @@ use tokio::sync::{Notify, RwLock, Semaphore, watch};
 
 /// How long declaring the topology and starting the consumers of a session may take.
 const OPEN_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a worker waits, at start-up, to have read the revocations stream.
+const REVOCATIONS_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Default of [`WorkerBuilder::concurrency`].
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -81,6 +100,9 @@ pub(crate) struct Settings {
     pub(crate) max_body: usize,
     pub(crate) max_redeliveries: u32,
     pub(crate) beat: bool,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) events: bool,
 }
 
 /// Configures a [`Worker`].
@@ -97,6 +119,9 @@ pub struct WorkerBuilder {
     max_redeliveries: u32,
     beat: bool,
     states: States,
+    #[cfg(feature = "metrics")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    events: bool,
 }
 
 impl Worker {
@@ -113,6 +138,9 @@ impl Worker {
             max_redeliveries: DEFAULT_MAX_REDELIVERIES,
             beat: false,
             states: States::default(),
+            #[cfg(feature = "metrics")]
+            metrics_addr: None,
+            events: false,
         }
     }
 
@@ -170,7 +198,47 @@ impl Worker {
         } else {
             None
         };
+        let control = Arc::new(control::Control::new(
+            events::worker_id(),
+            tasks.iter().map(|t| t.name()).collect(),
+            settings.concurrency,
+        ));
+        let _control_listener = AbortOnDrop(tokio::spawn(control::listen(
+            client.clone(),
+            control.clone(),
+        )));
+        // Revoked tasks are known before any task is taken (bounded: a broker that cannot
+        // serve the stream does not keep the worker from serving).
+        let revocations = Arc::new(revoke::Revocations::default());
+        let _revocations_reader = AbortOnDrop(tokio::spawn(revoke::follow(
+            client.clone(),
+            revocations.clone(),
+            control.clone(),
+        )));
+        if !revocations.ready(REVOCATIONS_PATIENCE).await {
+            tracing::warn!(
+                "the revocations stream could not be read within {REVOCATIONS_PATIENCE:?}; serving without it for now"
+            );
+        }
+        #[allow(unused_mut)]
+        let mut observer = observe::Observer {
+            events: settings.events.then(|| events::Events::start(&client)),
+            control: Some(control),
+            ..observe::Observer::default()
+        };
+        #[cfg(feature = "metrics")]
+        let _metrics_server = match settings.metrics_addr {
+            Some(addr) => {
+                let metrics = Arc::new(metrics::Metrics::new());
+                let (_, server) = metrics::serve(metrics.clone(), addr).await?;
+                observer.metrics = Some(metrics);
+                Some(AbortOnDrop(server))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            observer,
+            revocations,
             stopping: watch::Sender::new(false),
             abandon: watch::Sender::new(false),
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
@@ -189,6 +257,7 @@ impl Worker {
 
         let mut shutdown = std::pin::pin!(shutdown);
         let mut first = true;
+        let mut online = false;
         let mut attempt = 0;
         loop {
             // Between sessions, tasks of the lost one may still run: drain them too.
@@ -236,6 +305,11 @@ impl Worker {
             };
             first = false;
             attempt = 0;
+            shared.observer.session_started();
+            if !online {
+                online = true;
+                shared.observer.online();
+            }
             tracing::info!(
                 node = %session.url,
                 "worker ready: consuming {} queue(s) and their redelivered lanes",
@@ -335,6 +409,26 @@ impl WorkerBuilder {
         self
     }
 
+    /// Serves Prometheus metrics at `http://ADDR/metrics` while the worker serves (default: no
+    /// metrics). A port 0 picks a free port; the address bound is logged. See the
+    /// [`metrics`](self#metrics) section for the samples. Feature `metrics` (default).
+    #[cfg(feature = "metrics")]
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Publishes task and worker events as JSON to the namespaced topic exchange
+    /// `amqp-tasks.events` (default off; `worker --events`): for each message `received`,
+    /// `started`, then its outcome (`succeeded`, `retried`, `failed`, `panicked`, `time_limit`,
+    /// `rejected`, `revoked`) and `dead_lettered`, under `task.<event>.<task name>`; `online`,
+    /// `heartbeat` (every 10 s) and `offline` under `worker.<event>`. Fire-and-forget: never
+    /// awaited by a task, dropped rather than slowing one down.
+    pub fn events(mut self, on: bool) -> Self {
+        self.events = on;
+        self
+    }
+
     /// Checks the configuration: refuses duplicate task names, an empty set of tasks, unknown
     /// names in the filter, and a task whose `State<T>` was not given ([`Error::MissingState`]).
     pub fn build(self) -> Result<Worker, Error> {
@@ -375,6 +469,9 @@ impl WorkerBuilder {
                 max_body: self.max_body,
                 max_redeliveries: self.max_redeliveries,
                 beat: self.beat,
+                #[cfg(feature = "metrics")]
+                metrics_addr: self.metrics_addr,
+                events: self.events,
             },
             states: Arc::new(self.states),
         })
@@ -450,6 +547,19 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     /// What the tasks' `State` parameters receive.
     pub(crate) states: Arc<States>,
+    /// Where reports on the messages handled go (metrics, events).
+    pub(crate) observer: observe::Observer,
+    /// The task ids revoked.
+    pub(crate) revocations: Arc<revoke::Revocations>,
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Which of a task queue's two consumers a delivery came from.
