@@ -318,3 +318,40 @@ async fn a_rolling_restart_neither_repeats_nor_skips_a_tick() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_names_the_one_active_scheduler() {
+    const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
+    let env = TestEnv::new("beat-inspect");
+    env.track("amqp-tasks.beat");
+    bounded(LIMIT, async {
+        let mut workers: Vec<WorkerProcess> = (0..2).map(|_| candidate(&env)).collect();
+        for worker in &workers {
+            worker.wait_for("answering inspect requests").await;
+        }
+        let leader = active(&mut workers, &[]).await;
+        let (leader, other) = (workers[leader].pid(), workers[1 - leader].pid());
+        let (code, stdout, stderr) = env
+            .run(SHELL, &["inspect", "ping", "--timeout", "1s"])
+            .await;
+        assert_eq!(code, 0, "{stderr}");
+        let mut roles: Vec<(String, String)> = stdout
+            .lines()
+            .map(|line| {
+                let answer: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                (
+                    answer["worker"].as_str().unwrap_or_default().to_owned(),
+                    answer["scheduler"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        roles.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(roles.len(), 2, "{stdout}");
+        assert_eq!(roles[0].1, "active", "{stdout}");
+        assert!(roles[0].0.ends_with(&format!(":{leader}")), "{stdout}");
+        assert_eq!(roles[1].1, "candidate", "{stdout}");
+        assert!(roles[1].0.ends_with(&format!(":{other}")), "{stdout}");
+    })
+    .await;
+}

@@ -26,11 +26,13 @@ use crate::protocol::topology::beat_queue;
 use crate::protocol::unix_ms;
 use crate::transport::next;
 use crate::transport::topology::declare_beat_queue;
+use crate::worker::control::{Control, SchedulerRole};
 use crate::worker::registry::Registration;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
@@ -76,10 +78,16 @@ enum Ended {
 /// Runs a candidate until `stop` turns true: connects (again after a loss, with backoff),
 /// consumes the election queue and, while it holds the token, fires the due ticks. `client` is
 /// the scheduler's own (short heartbeat); it is closed on the way out, which hands the token on.
-pub(crate) async fn run(client: Client, plans: Vec<Planned>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(
+    client: Client,
+    plans: Vec<Planned>,
+    control: Arc<Control>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut memory = Token::default();
     let mut attempt = 0;
     let who = format!("pid {}", std::process::id());
+    control.set_scheduler(SchedulerRole::Candidate);
     loop {
         let stopping = *stop.borrow();
         if stopping {
@@ -95,7 +103,7 @@ pub(crate) async fn run(client: Client, plans: Vec<Planned>, mut stop: watch::Re
                 let started = tokio::time::Instant::now();
                 let lost = session.clone();
                 let ended = tokio::select! {
-                    ended = candidate(&client, &session.connection, &plans, &mut memory, &who, &mut stop) => ended,
+                    ended = candidate(&client, &session.connection, &plans, &mut memory, &who, &control, &mut stop) => ended,
                     reason = lost.lost() => Ended::Lost(reason),
                 };
                 if started.elapsed() > REFRESH {
@@ -105,6 +113,8 @@ pub(crate) async fn run(client: Client, plans: Vec<Planned>, mut stop: watch::Re
             }
             Err(error) => Ended::Lost(error.to_string()),
         };
+        // The token went back with the session (or the candidate stops).
+        control.set_scheduler(SchedulerRole::Candidate);
         match ended {
             Ended::Stopped => break,
             Ended::Lost(reason) => {
@@ -118,6 +128,7 @@ pub(crate) async fn run(client: Client, plans: Vec<Planned>, mut stop: watch::Re
             }
         }
     }
+    control.set_scheduler(SchedulerRole::None);
     client.close().await;
     tracing::info!("beat: scheduler candidate stopped");
 }
@@ -128,6 +139,7 @@ async fn candidate(
     plans: &[Planned],
     memory: &mut Token,
     who: &str,
+    control: &Control,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     let queue = beat_queue(client.namespace());
@@ -180,6 +192,7 @@ async fn candidate(
         plans,
         memory,
         who,
+        control,
         stop,
     )
     .await;
@@ -200,6 +213,7 @@ async fn elected(
     plans: &[Planned],
     memory: &mut Token,
     who: &str,
+    control: &Control,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     let mut held: Vec<Delivery> = Vec::new();
@@ -230,6 +244,7 @@ async fn elected(
                             },
                         }
                     }
+                    control.set_scheduler(SchedulerRole::Active);
                     tracing::info!(
                         tokens = held.len(),
                         last = ?memory.last,

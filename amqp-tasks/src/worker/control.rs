@@ -19,7 +19,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -45,6 +45,37 @@ pub(crate) struct Control {
     next: AtomicU64,
     active: Mutex<HashMap<u64, Active>>,
     outcomes: [AtomicU64; 7],
+    /// What this worker is to the periodic tasks' scheduler: a [`SchedulerRole`] as a number.
+    scheduler: AtomicU8,
+}
+
+/// What a worker is to the scheduler of periodic tasks, as `inspect ping` and `stats` tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SchedulerRole {
+    /// Not started with `--beat` (or serving no periodic task).
+    None = 0,
+    /// A `--beat` candidate waiting for the token.
+    Candidate = 1,
+    /// The active scheduler: it holds the token.
+    Active = 2,
+}
+
+impl SchedulerRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            SchedulerRole::None => "none",
+            SchedulerRole::Candidate => "candidate",
+            SchedulerRole::Active => "active",
+        }
+    }
+
+    fn from_u8(n: u8) -> SchedulerRole {
+        match n {
+            1 => SchedulerRole::Candidate,
+            2 => SchedulerRole::Active,
+            _ => SchedulerRole::None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Control {
@@ -88,7 +119,17 @@ impl Control {
             next: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
             outcomes: Default::default(),
+            scheduler: AtomicU8::new(SchedulerRole::None as u8),
         }
+    }
+
+    /// The scheduler says what this worker now is to it.
+    pub(crate) fn set_scheduler(&self, role: SchedulerRole) {
+        self.scheduler.store(role as u8, Ordering::Relaxed);
+    }
+
+    fn scheduler(&self) -> &'static str {
+        SchedulerRole::from_u8(self.scheduler.load(Ordering::Relaxed)).as_str()
     }
 
     /// A handler starts: kept as active until [`Control::leave`] with the key returned; the
@@ -147,7 +188,12 @@ impl Control {
         };
         active.sort_by_key(|a| std::cmp::Reverse(a["running_ms"].as_u64()));
         match inspect {
-            Inspect::Ping => json!({"worker": self.worker, "pong": true, "uptime_ms": uptime_ms}),
+            Inspect::Ping => json!({
+                "worker": self.worker,
+                "pong": true,
+                "uptime_ms": uptime_ms,
+                "scheduler": self.scheduler(),
+            }),
             Inspect::Registered => json!({"worker": self.worker, "tasks": self.tasks}),
             Inspect::Active => json!({"worker": self.worker, "active": active}),
             Inspect::Stats => {
@@ -164,6 +210,7 @@ impl Control {
                     "concurrency": self.concurrency,
                     "in_flight": active.len(),
                     "outcomes": outcomes,
+                    "scheduler": self.scheduler(),
                 })
             }
         }
@@ -300,5 +347,10 @@ mod tests {
             json!(["add", "sleep_ms"])
         );
         assert_eq!(control.answer(Inspect::Ping)["pong"], true);
+        assert_eq!(control.answer(Inspect::Ping)["scheduler"], "none");
+        control.set_scheduler(SchedulerRole::Active);
+        assert_eq!(control.answer(Inspect::Stats)["scheduler"], "active");
+        control.set_scheduler(SchedulerRole::Candidate);
+        assert_eq!(control.answer(Inspect::Ping)["scheduler"], "candidate");
     }
 }

@@ -223,7 +223,7 @@ impl Worker {
         #[allow(unused_mut)]
         let mut observer = observe::Observer {
             events: settings.events.then(|| events::Events::start(&client)),
-            control: Some(control),
+            control: Some(control.clone()),
             ..observe::Observer::default()
         };
         #[cfg(feature = "metrics")]
@@ -236,6 +236,7 @@ impl Worker {
             }
             None => None,
         };
+        let scheduler_control = control;
         let shared = Arc::new(Shared {
             observer,
             revocations,
@@ -316,7 +317,12 @@ impl Worker {
                 consumers.len() / 2
             );
             if let Some((scheduler, plans)) = beat.take() {
-                tokio::spawn(beat::run(scheduler, plans, shared.stopping.subscribe()));
+                tokio::spawn(beat::run(
+                    scheduler,
+                    plans,
+                    scheduler_control.clone(),
+                    shared.stopping.subscribe(),
+                ));
             }
             let (ended, closings) = run(&shared, &session, consumers, &mut shutdown).await;
             match ended {
