@@ -163,6 +163,8 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handler;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod protocol;
 #[cfg(feature = "cli")]
 pub mod shell;

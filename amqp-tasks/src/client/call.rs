@@ -322,9 +322,17 @@ fn envelope(
     deadline_ms: Option<u64>,
     eta_ms: Option<u64>,
 ) -> BasicProperties {
-    // A root task sends no root id (it is its own) and no trace (the worker starts one).
+    // A root task sends no root id (it is its own) and no trace (the worker starts one), unless
+    // it is sent inside an OpenTelemetry span: then it carries that span's context, as does a
+    // call from a task (its `task` span's, or that of a span the task opened).
     let parent = origin.parent;
-    let traceparent = parent.map(|p| p.trace.child().to_string());
+    #[cfg(feature = "opentelemetry")]
+    let current = crate::otel::current();
+    #[cfg(not(feature = "opentelemetry"))]
+    let current = None;
+    let traceparent = current
+        .or_else(|| parent.map(|p| p.trace.child()))
+        .map(|trace| trace.to_string());
     let headers = TaskHeaders {
         task: Some(Cow::Borrowed(out.name)),
         signature: out.signature.map(Cow::Borrowed),

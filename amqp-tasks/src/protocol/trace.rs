@@ -75,6 +75,32 @@ impl TraceParent {
     pub(crate) fn trace_id(&self) -> &str {
         std::str::from_utf8(&self.trace_id).unwrap_or_default()
     }
+
+    /// From binary ids and flags (an OpenTelemetry span context's).
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) fn from_ids(trace_id: [u8; 16], span_id: [u8; 8], flags: u8) -> TraceParent {
+        let mut parsed = TraceParent {
+            trace_id: [0; 32],
+            span_id: [0; 16],
+            flags: [0; 2],
+        };
+        hex_into(&trace_id, &mut parsed.trace_id);
+        hex_into(&span_id, &mut parsed.span_id);
+        hex_into(&[flags], &mut parsed.flags);
+        parsed
+    }
+
+    /// The binary trace id, parent span id and flags (for an OpenTelemetry span context).
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) fn ids(&self) -> ([u8; 16], [u8; 8], u8) {
+        let mut trace_id = [0; 16];
+        let mut span_id = [0; 8];
+        let mut flags = [0; 1];
+        unhex_into(&self.trace_id, &mut trace_id);
+        unhex_into(&self.span_id, &mut span_id);
+        unhex_into(&self.flags, &mut flags);
+        (trace_id, span_id, flags[0])
+    }
 }
 
 impl fmt::Display for TraceParent {
@@ -101,6 +127,17 @@ fn hex_into(bytes: &[u8], out: &mut [u8]) {
     for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
         pair[0] = DIGITS[usize::from(byte >> 4)];
         pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+}
+
+/// The inverse of [`hex_into`], for digits [`TraceParent::parse`] has checked.
+fn unhex_into(digits: &[u8], out: &mut [u8]) {
+    let value = |digit: u8| match digit {
+        b'0'..=b'9' => digit - b'0',
+        _ => digit.to_ascii_lowercase().wrapping_sub(b'a' - 10) & 0xf,
+    };
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (value(pair[0]) << 4) | value(pair[1]);
     }
 }
 
@@ -143,6 +180,18 @@ mod tests {
         assert_eq!(child.trace_id(), root.trace_id());
         assert_ne!(child.span_id, root.span_id);
         assert_eq!(root.to_string().len(), 55);
+    }
+
+    #[test]
+    fn binary_ids_round_trip() {
+        let parsed =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let (trace_id, span_id, flags) = parsed.ids();
+        assert_eq!(trace_id[0], 0x0a);
+        assert_eq!(trace_id[15], 0x9c);
+        assert_eq!(span_id, [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31]);
+        assert_eq!(flags, 1);
+        assert_eq!(TraceParent::from_ids(trace_id, span_id, flags), parsed);
     }
 
     #[test]

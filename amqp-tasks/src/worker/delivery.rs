@@ -242,13 +242,30 @@ async fn run<'a>(
         id,
         deadline,
     } = admitted;
-    let trace = headers
-        .traceparent
-        .as_deref()
-        .and_then(TraceParent::parse)
-        .unwrap_or_else(TraceParent::new_root);
     let gate = Gate::new(shared.gate.clone(), queue.lane == Lane::Redelivered);
     let guard = gate.enter().await;
+    let incoming = headers.traceparent.as_deref().and_then(TraceParent::parse);
+    // One span per run, across hops: the trace id and the parent task tie it to its caller's.
+    // (Without a caller's trace, its trace id is recorded once known.)
+    let span = tracing::info_span!(
+        "task",
+        name = task.name(),
+        id,
+        attempt = headers.attempt,
+        trace_id = incoming.as_ref().map(TraceParent::trace_id),
+        parent_id = headers.parent_id.as_deref(),
+    );
+    // With OpenTelemetry, the span joins the caller's trace, and its context is what the task's
+    // own calls continue.
+    #[cfg(feature = "opentelemetry")]
+    let joined = crate::otel::join(&span, incoming.as_ref());
+    #[cfg(not(feature = "opentelemetry"))]
+    let joined = None;
+    let started_trace = incoming.is_none();
+    let trace = joined.or(incoming).unwrap_or_else(TraceParent::new_root);
+    if started_trace {
+        span.record("trace_id", trace.trace_id());
+    }
     let slot = Arc::new(Slot::new(
         shared.semaphore.clone(),
         permit,
@@ -275,15 +292,6 @@ async fn run<'a>(
         trace: trace.clone(),
         slot: Some(slot.clone()),
     });
-    // One span per run, across hops: the trace id and the parent task tie it to its caller's.
-    let span = tracing::info_span!(
-        "task",
-        name = task.name(),
-        id,
-        attempt = headers.attempt,
-        trace_id = trace.trace_id(),
-        parent_id = headers.parent_id.as_deref(),
-    );
     span.in_scope(|| tracing::debug!("task started"));
     shared.observer.started(task.name(), id, headers.attempt);
     let running = shared.observer.running(task.name(), id);
