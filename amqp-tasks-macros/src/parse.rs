@@ -13,6 +13,7 @@ pub const KEYS: &[&str] = &[
     "backoff",
     "retry_on_panic",
     "codec",
+    "store_result",
 ];
 
 /// A value given to a key, with the span of the value for error messages.
@@ -31,6 +32,7 @@ pub struct TaskArgs {
     pub retry_on_panic: Option<Setting<Lit>>,
     pub backoff: Option<Setting<Lit>>,
     pub codec: Option<Setting<String>>,
+    pub store_result: Option<Setting<Lit>>,
 }
 
 impl TaskArgs {
@@ -57,6 +59,7 @@ impl TaskArgs {
                 "retries" => set(&mut args.retries, literal(&meta)?, duplicate),
                 "retry_on_panic" => set(&mut args.retry_on_panic, literal(&meta)?, duplicate),
                 "backoff" => set(&mut args.backoff, literal(&meta)?, duplicate),
+                "store_result" => set(&mut args.store_result, literal(&meta)?, duplicate),
                 _ => {
                     // Skip the value so that the keys after it are still read and checked.
                     if meta.input.peek(Token![=]) {
@@ -227,7 +230,9 @@ mod tests {
             "{error}"
         );
         assert!(
-            error.contains("name, queue, timeout, retries, backoff, retry_on_panic, codec"),
+            error.contains(
+                "name, queue, timeout, retries, backoff, retry_on_panic, codec, store_result"
+            ),
             "{error}"
         );
     }

@@ -16,6 +16,7 @@ use super::dispose::dispose;
 use super::execute::{CatchUnwind, Outcome, panic_message};
 use super::registry::Registration;
 use super::settle::Settle;
+use super::store;
 use super::{InFlightGuard, Lane, QueueState, Shared};
 use crate::client::caller::{Gate, Slot};
 use crate::context::{Context, ContextParts};
@@ -86,15 +87,28 @@ pub(crate) async fn handle(
 ) {
     let mut abandon = shared.abandon.subscribe();
     let work = async {
-        let disposition = match admit(&shared, &queue, &delivery).await {
-            Admission::Run(admitted) => run(&shared, &queue, &delivery, admitted, permit).await,
+        let (disposition, ran) = match admit(&shared, &queue, &delivery).await {
+            Admission::Run(admitted) => {
+                let ran = (admitted.task, admitted.headers.attempt);
+                let disposition = run(&shared, &queue, &delivery, admitted, permit).await;
+                (disposition, Some(ran))
+            }
             Admission::Dispose(disposition) => {
                 // Nothing runs: the slot is free before the disposition is carried out.
                 drop(permit);
-                disposition
+                (disposition, None)
             }
         };
-        dispose(&shared, &queue, &delivery, disposition).await
+        let results = store::store_for(shared.client.results(), ran.map(|(task, _)| task));
+        let stored = results.and_then(|_| store::outcome(&delivery, &disposition, ran));
+        let settle = dispose(&shared, &queue, &delivery, disposition).await;
+        // Written once carried out: a delivery given back runs again, and says so then.
+        if let (Some(results), Some(write)) = (results, stored)
+            && matches!(settle, Settle::Ack(_) | Settle::AckedAlone(_))
+        {
+            results.write(write);
+        }
+        settle
     };
     // Anything of the pipeline that panics (a bug, not the user's code, which execute guards)
     // still settles the delivery, so that the ack window keeps moving.
@@ -151,7 +165,12 @@ async fn run<'a>(
     } else {
         id.to_owned()
     });
+    let results = store::store_for(shared.client.results(), Some(task));
+    if let Some(results) = results {
+        store::started(results, task, id, headers.attempt);
+    }
     let ctx = Context::new(ContextParts {
+        results: results.cloned(),
         client: shared.client.clone(),
         states: shared.states.clone(),
         task_id,

@@ -27,6 +27,7 @@ pub(crate) mod execute;
 pub(crate) mod presence;
 pub mod registry;
 pub(crate) mod settle;
+mod store;
 
 #[cfg(feature = "cli")]
 pub use cli::{SetupResult, main, main_with};

@@ -29,6 +29,7 @@ pub struct Registration {
     timeout: Duration,
     retries: u32,
     backoff: Duration,
+    store_result: bool,
     signature: fn() -> &'static Signature,
     states: &'static [StateNeed],
     pub(crate) run: Run,
@@ -67,6 +68,7 @@ impl Registration {
             timeout: T::TIMEOUT,
             retries: T::RETRIES,
             backoff: T::BACKOFF,
+            store_result: T::STORE_RESULT,
             signature: T::signature,
             states,
             run,
@@ -88,6 +90,16 @@ impl Registration {
                 ours.fingerprint()
             )
         })
+    }
+
+    /// Whether a result store keeps its states and results (`store_result`).
+    pub fn store_result(&self) -> bool {
+        self.store_result
+    }
+
+    /// The signature fingerprint its stubs send.
+    pub(crate) fn fingerprint(&self) -> &'static str {
+        (self.signature)().fingerprint()
     }
 
     /// The task name.
