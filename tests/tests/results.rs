@@ -5,13 +5,17 @@
 //! For both stores: a `.delay()` then `wait` from a second client gets the typed result (and a
 //! stub of another task is a signature mismatch, an unknown id is `None`); `status` moves through
 //! `Started` → `Retrying` → `Succeeded` for a task that fails once; progress is visible while the
-//! task runs; a failing task is `Failed` with its typed error; expiry removes records. A private
+//! task runs; a failing task is `Failed` with its typed error; a task refused without running is
+//! `DeadLettered` with its framework error; expiry removes records. A private
 //! `redis-server` stopped mid-run loses no task; a store that cannot be reached, or that was not
 //! compiled in, is a clear start-up error.
 
 use amqp_tasks::{CallError, Client, TaskId, TaskState};
 use amqp_tasks_tests::harness::{PATIENCE, TestEnv, WorkerProcess, bounded, run_blocking};
 use amqp_tasks_tests::tasks::*;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use std::process::Command;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -282,6 +286,43 @@ async fn a_failing_task_is_failed_with_its_typed_error(store: Store) {
     .await;
 }
 
+async fn a_refused_task_is_dead_lettered(store: Store) {
+    let env = Env::new("res-dead", store);
+    bounded(LIMIT, async {
+        let worker = env.worker("add", &[]).await;
+        let reader = env.reader().await;
+        let raw = env.env.raw().await;
+        let id = TaskId::new();
+        let mut headers = FieldTable::default();
+        headers.insert("task".into(), AMQPValue::LongString("add".into()));
+        raw.channel
+            .basic_publish(
+                "".into(),
+                env.env.queue("add").as_str().into(),
+                BasicPublishOptions::default(),
+                br#"{"a": "one", "b": 2}"#,
+                BasicProperties::default()
+                    .with_message_id(id.as_str().into())
+                    .with_content_type("application/json".into())
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        let outcome = reader.wait::<add>(&id, PATIENCE).await;
+        assert!(
+            matches!(outcome, Err(CallError::BadPayload(_))),
+            "{outcome:?}"
+        );
+        let status = reader.status(&id).await.expect("status").expect("a record");
+        assert_eq!(status.state, TaskState::DeadLettered);
+        env.env.settled("add").await;
+        drop(worker);
+    })
+    .await;
+}
+
 async fn expiry_removes_records(store: Store) {
     let env = Env::new("res-expiry", store);
     bounded(LIMIT, async {
@@ -344,6 +385,16 @@ async fn redis_a_failing_task_is_failed_with_its_typed_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_failing_task_is_failed_with_its_typed_error() {
     a_failing_task_is_failed_with_its_typed_error(Store::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_refused_task_is_dead_lettered() {
+    a_refused_task_is_dead_lettered(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_refused_task_is_dead_lettered() {
+    a_refused_task_is_dead_lettered(Store::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

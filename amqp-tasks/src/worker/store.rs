@@ -7,6 +7,7 @@ use super::delivery::Disposition;
 use super::registry::Registration;
 use crate::protocol::TYPE_RESULT;
 use crate::protocol::headers::TaskHeaders;
+use crate::protocol::reply::ErrorKind;
 use crate::results::{Results, StoredReply, TaskState, Write};
 use lapin::message::Delivery;
 use std::time::SystemTime;
@@ -67,7 +68,17 @@ pub(crate) fn outcome(
             codec,
             dead_letter,
         } => {
-            let state = match (ran.is_some(), *kind == TYPE_RESULT) {
+            // Arguments that do not decode are found as the handler starts: refused, not run.
+            let refused = dead_letter.as_ref().is_some_and(|(kind, _)| {
+                !matches!(
+                    kind,
+                    ErrorKind::Task
+                        | ErrorKind::Panicked
+                        | ErrorKind::TimeLimit
+                        | ErrorKind::BadResult
+                )
+            });
+            let state = match (ran.is_some() && !refused, *kind == TYPE_RESULT) {
                 (true, true) => TaskState::Succeeded,
                 (true, false) => TaskState::Failed,
                 (false, _) => TaskState::DeadLettered,
