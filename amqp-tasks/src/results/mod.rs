@@ -356,8 +356,10 @@ fn redact(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
         (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
             let userinfo = &rest[..at - scheme.len() - 3];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{}", &url[at + 1..])
+            match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{scheme}://{user}:***@{}", &url[at + 1..]),
+                None => url.to_owned(),
+            }
         }
         _ => url.to_owned(),
     }
@@ -404,6 +406,10 @@ mod tests {
         assert_eq!(
             redact("redis://127.0.0.1:6379/0"),
             "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
         );
     }
 
