@@ -24,6 +24,22 @@ pub struct Task {
     pub states: Vec<StateParam>,
     pub params: Vec<Param>,
     pub output: Output,
+    /// `every` / `cron` (with `catch_up`): a periodic task.
+    pub schedule: Option<Schedule>,
+}
+
+/// When a periodic task ticks, and what a scheduler does with the ticks it missed.
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    /// `catch_up = "none"`: missed ticks are not fired (default `"one"`: the latest one is).
+    pub catch_up_none: bool,
+}
+
+pub enum ScheduleKind {
+    /// `every = d`, in milliseconds.
+    EveryMs(u64),
+    /// `cron = "..."`, as written (checked for its shape; the runtime parses it with croner).
+    Cron(String),
 }
 
 pub struct Param {
@@ -288,6 +304,13 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         }
     };
 
+    let keys = ScheduleKeys {
+        every: args.every,
+        cron: args.cron,
+        catch_up: args.catch_up,
+    };
+    let schedule = schedule(&mut errors, keys, &params, item.body.is_some());
+
     if let Some(errors) = errors {
         return Err(errors);
     }
@@ -305,7 +328,157 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         states,
         params,
         output,
+        schedule,
     })
+}
+
+/// The schedule's keys as written.
+struct ScheduleKeys {
+    every: Option<Setting<Lit>>,
+    cron: Option<Setting<String>>,
+    catch_up: Option<Setting<String>>,
+}
+
+/// The `every` / `cron` / `catch_up` keys: a schedule, or errors (both kinds given, a bad
+/// interval or cron expression, an unknown catch-up, arguments a tick could not carry).
+fn schedule(
+    errors: &mut Option<syn::Error>,
+    ScheduleKeys {
+        every,
+        cron,
+        catch_up,
+    }: ScheduleKeys,
+    params: &[Param],
+    has_body: bool,
+) -> Option<Schedule> {
+    let catch_up_none = match &catch_up {
+        None => false,
+        Some(Setting { value, .. }) if value == "one" => false,
+        Some(Setting { value, .. }) if value == "none" => true,
+        Some(Setting { value, span }) => {
+            combine(
+                errors,
+                syn::Error::new(
+                    *span,
+                    format!(
+                        "unknown catch_up `{value}`; expected \"one\" (fire the latest missed tick \
+                         once, the default) or \"none\" (fire no missed tick)"
+                    ),
+                ),
+            );
+            false
+        }
+    };
+    let kind = match (every, cron) {
+        (None, None) => {
+            if let Some(Setting { span, .. }) = catch_up {
+                combine(
+                    errors,
+                    syn::Error::new(
+                        span,
+                        "`catch_up` applies to a periodic task: add `every = \"...\"` or \
+                         `cron = \"...\"`",
+                    ),
+                );
+            }
+            return None;
+        }
+        (Some(_), Some(Setting { span, .. })) => {
+            combine(
+                errors,
+                syn::Error::new(
+                    span,
+                    "a periodic task takes `every` or `cron`, not both: remove one",
+                ),
+            );
+            return None;
+        }
+        (Some(every), None) => {
+            let span = every.span;
+            match duration_ms(&every, "every") {
+                Ok(ms) => Some((ScheduleKind::EveryMs(ms), span)),
+                Err(error) => {
+                    combine(errors, error);
+                    None
+                }
+            }
+        }
+        (None, Some(Setting { value, span })) => match cron_problem(&value) {
+            None => Some((ScheduleKind::Cron(value), span)),
+            Some(problem) => {
+                combine(errors, syn::Error::new(span, problem));
+                None
+            }
+        },
+    };
+    let (kind, span) = kind?;
+    if !has_body {
+        combine(
+            errors,
+            syn::Error::new(
+                span,
+                "a periodic task is scheduled where it is defined: a declaration of a task served \
+                 elsewhere cannot take `every` or `cron`",
+            ),
+        );
+        return None;
+    }
+    for param in params {
+        combine(
+            errors,
+            syn::Error::new(
+                param.ty.span(),
+                format!(
+                    "a periodic task takes no arguments besides `Context` and `State`s (its ticks \
+                     carry none): remove `{}`",
+                    param.ident
+                ),
+            ),
+        );
+    }
+    Some(Schedule {
+        kind,
+        catch_up_none,
+    })
+}
+
+/// What is wrong with a cron expression, as far as its shape tells: six fields (seconds first),
+/// each made of what croner accepts. The rest (ranges, names) is checked by croner when the
+/// worker starts.
+fn cron_problem(expression: &str) -> Option<String> {
+    let fields: Vec<&str> = expression.split_whitespace().collect();
+    if fields.len() != 6 {
+        return Some(format!(
+            "`cron` takes six fields, `sec min hour day-of-month month day-of-week` (UTC; the \
+             seconds field is required), such as \"0 */5 * * * *\"; this one has {}",
+            fields.len()
+        ));
+    }
+    let limits = [
+        ("seconds", 59),
+        ("minutes", 59),
+        ("hours", 23),
+        ("day-of-month", 31),
+        ("month", 12),
+        ("day-of-week", 7),
+    ];
+    for (field, (name, max)) in fields.iter().zip(limits) {
+        if let Some(bad) = field
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "*/,-?#".contains(*c)))
+        {
+            return Some(format!(
+                "`cron`: the {name} field `{field}` cannot contain `{bad}`"
+            ));
+        }
+        let all_digits = field.chars().all(|c| c.is_ascii_digit());
+        if all_digits && !field.parse::<u32>().is_ok_and(|n| n <= max) {
+            return Some(format!(
+                "`cron`: the {name} field `{field}` is out of range (at most {max})"
+            ));
+        }
+    }
+    None
 }
 
 fn take<T>(errors: &mut Option<syn::Error>, result: syn::Result<Option<T>>) -> Option<T> {
@@ -642,6 +815,121 @@ mod tests {
             twice.to_string().contains("at most one `Context`"),
             "{twice}"
         );
+    }
+
+    #[test]
+    fn schedules() {
+        let task = checked(
+            quote!(every = "30s"),
+            quote!(
+                async fn refresh(db: State<Db>) {}
+            ),
+        )
+        .unwrap();
+        let schedule = task.schedule.unwrap();
+        assert!(matches!(schedule.kind, ScheduleKind::EveryMs(30_000)));
+        assert!(!schedule.catch_up_none);
+        let task = checked(
+            quote!(cron = "0 */5 * * * *", catch_up = "none"),
+            quote!(
+                async fn sweep(ctx: Context) {}
+            ),
+        )
+        .unwrap();
+        let schedule = task.schedule.unwrap();
+        assert!(matches!(&schedule.kind, ScheduleKind::Cron(c) if c == "0 */5 * * * *"));
+        assert!(schedule.catch_up_none);
+        assert!(
+            checked(
+                quote!(),
+                quote!(
+                    async fn plain() {}
+                )
+            )
+            .unwrap()
+            .schedule
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn bad_schedules_are_errors() {
+        let cases = [
+            (
+                quote!(every = "30s"),
+                quote!(
+                    async fn f(x: i64) {}
+                ),
+                "no arguments besides",
+            ),
+            (
+                quote!(every = "1s", cron = "* * * * * *"),
+                quote!(
+                    async fn f() {}
+                ),
+                "not both",
+            ),
+            (
+                quote!(every = "soon"),
+                quote!(
+                    async fn f() {}
+                ),
+                "`every` takes seconds",
+            ),
+            (
+                quote!(every = 0),
+                quote!(
+                    async fn f() {}
+                ),
+                "longer than zero",
+            ),
+            (
+                quote!(cron = "*/5 * * * *"),
+                quote!(
+                    async fn f() {}
+                ),
+                "this one has 5",
+            ),
+            (
+                quote!(cron = "0 0 25 * * *"),
+                quote!(
+                    async fn f() {}
+                ),
+                "hours field `25`",
+            ),
+            (
+                quote!(cron = "0 0 1 * * $"),
+                quote!(
+                    async fn f() {}
+                ),
+                "cannot contain `$`",
+            ),
+            (
+                quote!(every = "1s", catch_up = "all"),
+                quote!(
+                    async fn f() {}
+                ),
+                "unknown catch_up",
+            ),
+            (
+                quote!(catch_up = "one"),
+                quote!(
+                    async fn f() {}
+                ),
+                "applies to a periodic task",
+            ),
+            (
+                quote!(every = "1s"),
+                quote!(
+                    async fn f();
+                ),
+                "a declaration",
+            ),
+        ];
+        for (attr, item, expected) in cases {
+            let error = checked(attr, item).err().expect(expected).to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! body, the `Handler` impl and its registration. Generated code names only `::amqp_tasks`,
 //! `::core` and `::std`.
 
-use crate::check::{Task, check};
+use crate::check::{ScheduleKind, Task, check};
 use crate::parse::{TaskArgs, TaskFn, combine};
 use proc_macro2::TokenStream;
 use quote::{ToTokens, format_ident, quote, quote_spanned};
@@ -242,6 +242,26 @@ pub fn expand(task: &Task) -> TokenStream {
         quote!(::core::result::Result::Ok(#invoke))
     };
     let run_future = quote_spanned!(ident.span()=> async move { #result });
+    let schedule = task.schedule.as_ref().map(|schedule| {
+        let catch_up = if schedule.catch_up_none {
+            quote!(None)
+        } else {
+            quote!(One)
+        };
+        let catch_up = quote!(::amqp_tasks::__private::CatchUp::#catch_up);
+        let value = match &schedule.kind {
+            ScheduleKind::EveryMs(ms) => {
+                quote!(::amqp_tasks::__private::Schedule::every(#ms, #catch_up))
+            }
+            ScheduleKind::Cron(expression) => {
+                quote!(::amqp_tasks::__private::Schedule::cron(#expression, #catch_up))
+            }
+        };
+        quote! {
+            const SCHEDULE: ::core::option::Option<::amqp_tasks::__private::Schedule> =
+                ::core::option::Option::Some(#value);
+        }
+    });
 
     quote! {
         #original
@@ -256,6 +276,7 @@ pub fn expand(task: &Task) -> TokenStream {
                     name: #state_texts,
                 },)*
             ];
+            #schedule
 
             #[allow(unused_variables)]
             fn run(
@@ -457,6 +478,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_schedule_reaches_the_handler() {
+        let out = expanded(
+            quote!(every = "30s"),
+            quote!(
+                async fn refresh(ctx: Context) {}
+            ),
+        );
+        assert!(
+            out.contains(
+                "const SCHEDULE : :: core :: option :: Option < :: amqp_tasks :: __private :: \
+                 Schedule > = :: core :: option :: Option :: Some (:: amqp_tasks :: __private :: \
+                 Schedule :: every (30000u64 , :: amqp_tasks :: __private :: CatchUp :: One))"
+            ),
+            "{out}"
+        );
+        let out = expanded(
+            quote!(cron = "0 0 * * * 0", catch_up = "none"),
+            quote!(
+                async fn weekly() {}
+            ),
+        );
+        assert!(
+            out.contains(
+                "Schedule :: cron (\"0 0 * * * 0\" , :: amqp_tasks :: __private :: CatchUp :: None)"
+            ),
+            "{out}"
+        );
+        let out = expanded(
+            quote!(),
+            quote!(
+                async fn plain() {}
+            ),
+        );
+        assert!(!out.contains("SCHEDULE"), "{out}");
     }
 
     #[test]

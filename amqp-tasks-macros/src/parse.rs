@@ -13,6 +13,9 @@ pub const KEYS: &[&str] = &[
     "backoff",
     "retry_on_panic",
     "codec",
+    "every",
+    "cron",
+    "catch_up",
     "store_result",
 ];
 
@@ -32,6 +35,12 @@ pub struct TaskArgs {
     pub retry_on_panic: Option<Setting<Lit>>,
     pub backoff: Option<Setting<Lit>>,
     pub codec: Option<Setting<String>>,
+    /// `every = "30s"`: a periodic task, ticking at Unix times divisible by the interval.
+    pub every: Option<Setting<Lit>>,
+    /// `cron = "sec min hour dom month dow"`: a periodic task on a cron schedule (UTC).
+    pub cron: Option<Setting<String>>,
+    /// `catch_up = "one" | "none"`: what a scheduler does with the ticks it missed.
+    pub catch_up: Option<Setting<String>>,
     pub store_result: Option<Setting<Lit>>,
 }
 
@@ -59,6 +68,9 @@ impl TaskArgs {
                 "retries" => set(&mut args.retries, literal(&meta)?, duplicate),
                 "retry_on_panic" => set(&mut args.retry_on_panic, literal(&meta)?, duplicate),
                 "backoff" => set(&mut args.backoff, literal(&meta)?, duplicate),
+                "every" => set(&mut args.every, literal(&meta)?, duplicate),
+                "cron" => set(&mut args.cron, string(&meta)?, duplicate),
+                "catch_up" => set(&mut args.catch_up, string(&meta)?, duplicate),
                 "store_result" => set(&mut args.store_result, literal(&meta)?, duplicate),
                 _ => {
                     // Skip the value so that the keys after it are still read and checked.
@@ -128,11 +140,16 @@ fn literal(meta: &syn::meta::ParseNestedMeta) -> syn::Result<Setting<Lit>> {
 
 /// The valid key `written` was most likely meant to be: the nearest by edit distance, if near.
 fn suggestion(written: &str) -> Option<&'static str> {
+    // On a tie, a key that starts like what was written.
+    let first = written.chars().next();
     KEYS.iter()
-        .map(|valid| (distance(valid, written), *valid))
-        .filter(|(distance, valid)| *distance <= 3.min(valid.len() / 2 + 1))
+        .map(|valid| {
+            let distance = distance(valid, written);
+            (distance, valid.chars().next() != first, *valid)
+        })
+        .filter(|(distance, _, valid)| *distance <= 3.min(valid.len() / 2 + 1))
         .min()
-        .map(|(_, valid)| valid)
+        .map(|(_, _, valid)| valid)
 }
 
 fn distance(a: &str, b: &str) -> usize {
@@ -210,9 +227,13 @@ mod tests {
             timeout = "2s",
             retries = 3,
             backoff = "100ms",
-            codec = "json"
+            codec = "json",
+            every = "30s",
+            catch_up = "none"
         ))
         .unwrap();
+        assert!(args.every.is_some() && args.cron.is_none());
+        assert_eq!(args.catch_up.unwrap().value, "none");
         assert_eq!(args.name.unwrap().value, "math.div");
         assert_eq!(args.queue.unwrap().value, "math");
         assert_eq!(args.codec.unwrap().value, "json");
@@ -231,7 +252,8 @@ mod tests {
         );
         assert!(
             error.contains(
-                "name, queue, timeout, retries, backoff, retry_on_panic, codec, store_result"
+                "name, queue, timeout, retries, backoff, retry_on_panic, codec, every, cron, \
+                 catch_up, store_result"
             ),
             "{error}"
         );
@@ -243,6 +265,8 @@ mod tests {
         assert_eq!(suggestion("timout"), Some("timeout"));
         assert_eq!(suggestion("codecs"), Some("codec"));
         assert_eq!(suggestion("priority"), None);
+        assert_eq!(suggestion("evry"), Some("every"));
+        assert_eq!(suggestion("catchup"), Some("catch_up"));
     }
 
     #[test]

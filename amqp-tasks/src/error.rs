@@ -45,6 +45,9 @@ pub enum CallError<E = Never> {
     TimeLimit(String),
     /// The broker or the worker refused the message (wrong content type, too large, nacked).
     Rejected(String),
+    /// The task was revoked (`amqp-tasks revoke`): not run, or cancelled while running
+    /// (`--terminate`).
+    Revoked,
     /// The worker answered with an error this client does not know as a typed value (from a
     /// service in another language, for instance).
     Remote {
@@ -86,6 +89,7 @@ impl<E> CallError<E> {
             CallError::Panicked(_) => "panicked",
             CallError::TimeLimit(_) => "time_limit",
             CallError::Rejected(_) => "rejected",
+            CallError::Revoked => "revoked",
             CallError::Remote { kind, .. } => kind,
             CallError::Encode(_) => "encode",
             CallError::BadReply(_) => "bad_reply",
@@ -105,6 +109,7 @@ impl<E> CallError<E> {
             CallError::Panicked(m) => CallError::Panicked(m),
             CallError::TimeLimit(m) => CallError::TimeLimit(m),
             CallError::Rejected(m) => CallError::Rejected(m),
+            CallError::Revoked => CallError::Revoked,
             CallError::Remote { kind, message } => CallError::Remote { kind, message },
             CallError::Encode(m) => CallError::Encode(m),
             CallError::BadReply(m) => CallError::BadReply(m),
@@ -136,6 +141,7 @@ impl<E: fmt::Display> fmt::Display for CallError<E> {
             CallError::Panicked(m) => write!(f, "the task panicked: {m}"),
             CallError::TimeLimit(m) => write!(f, "the task ran past its time limit: {m}"),
             CallError::Rejected(m) => write!(f, "rejected: {m}"),
+            CallError::Revoked => f.write_str("the task was revoked"),
             CallError::Remote { kind, message } => write!(f, "remote error {kind}: {message}"),
             CallError::Encode(m) => write!(f, "could not encode the arguments: {m}"),
             CallError::BadReply(m) => write!(f, "could not decode the reply: {m}"),

@@ -4,6 +4,7 @@
 //! attempt. Running a handler is the worker's.
 
 use crate::context::Context;
+use crate::protocol::schedule::Schedule;
 use crate::state::{MissingState, StateNeed};
 use crate::task::Task;
 use std::future::Future;
@@ -12,6 +13,8 @@ use std::future::Future;
 pub trait Handler: Task {
     /// The `State<T>` parameters it takes, which a worker must be given.
     const STATES: &'static [StateNeed];
+    /// When it ticks, for a periodic task (`every` / `cron`).
+    const SCHEDULE: Option<Schedule> = None;
 
     /// Takes the task's states from the context, then runs the task function with the decoded
     /// arguments; a missing state is an error before anything runs.

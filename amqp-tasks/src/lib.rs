@@ -146,6 +146,8 @@
 //! - `cli` (default): the `worker` binary's command line ([`worker::main`]), the `amqp-tasks`
 //!   shell command ([`shell`]), and logging to stderr. Turn it off (`default-features = false`)
 //!   to embed a worker without clap and tracing-subscriber.
+//! - `metrics` (default): [`WorkerBuilder::metrics_addr`] (`worker --metrics-addr`), Prometheus
+//!   metrics over HTTP, with `prometheus-client` and hyper.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -174,6 +176,7 @@ pub mod wire;
 pub mod worker;
 
 pub use protocol::codec;
+pub use protocol::schedule;
 pub use protocol::topology;
 pub use worker::registry;
 
@@ -202,6 +205,13 @@ pub use worker::registry;
 /// | `retry_on_panic` | retry a panic like an error | `false` |
 /// | `codec` | `"bincode"` or `"json"`, for calls through the stub | `"bincode"` |
 /// | `store_result` | whether a worker with a result store (`--results`) keeps its states and results | `true` |
+/// | `every` | a periodic task, ticking at the Unix times divisible by this interval (`"30s"`) | |
+/// | `cron` | a periodic task on a six-field cron expression, `"sec min hour dom month dow"` (UTC, Sunday = 0) | |
+/// | `catch_up` | `"one"`: after a gap, fire the latest missed tick once; `"none"`: fire none | `"one"` |
+///
+/// A periodic task takes no arguments besides its `Context` and `State`s; the active
+/// scheduler among the workers started with `--beat` sends its ticks (see
+/// [`schedule`] and the README's "Periodic tasks").
 ///
 /// It generates, next to the unchanged function: a stub type of the same name with `new(args…)`
 /// returning a [`TaskCall`], its [`Task`] implementation, and (for a function with a body) a
@@ -216,7 +226,9 @@ pub use worker::registry;
 /// Misuse is a compile error at the offending tokens: a function that is not `async`, takes
 /// `self`, is generic, has a pattern for a parameter, borrows an argument, puts `Context`
 /// anywhere but first or takes two, puts a `State` after an argument, shares a type that is not
-/// `Send + Sync` as state, or an unknown key (the error lists the valid ones).
+/// `Send + Sync` as state, an unknown key (the error lists the valid ones), or a bad schedule
+/// (arguments on a periodic task, both `every` and `cron`, a bad interval, a cron expression
+/// without six fields, an unknown `catch_up`).
 ///
 /// A task may run at most RabbitMQ's `consumer_timeout` (30 minutes by default): past it the
 /// broker closes the worker's channel and redelivers the task.
@@ -246,6 +258,7 @@ pub mod __private {
     pub use crate::client::caller::Origin;
     pub use crate::handler::{Handler, message, retry};
     pub use crate::protocol::json_args::{JsonArgsReader, JsonArgsWriter};
+    pub use crate::protocol::schedule::{CatchUp, Schedule};
     pub use crate::protocol::signature::Signature;
     pub use crate::state::{MissingState, StateNeed, StateValue};
     pub use crate::task::{DEFAULT_BACKOFF, DEFAULT_TIMEOUT, Param};

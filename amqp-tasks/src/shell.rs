@@ -3,6 +3,9 @@
 //! ```text
 //! amqp-tasks call <task> ['<json args>'] [--delay] [--timeout 5s] [--queue Q]
 //! amqp-tasks queues <task>... [--json]
+//! amqp-tasks events [--task NAME]
+//! amqp-tasks inspect ping|registered|active|stats [--timeout 1s]
+//! amqp-tasks revoke <task id>... [--terminate]
 //! ```
 //!
 //! Both take `--url` (env `AMQP_URL`, default [`DEFAULT_URL`]) and `--namespace`
@@ -18,6 +21,24 @@
 //! `queues` prints, for each task queue (a task's queue is named after the task unless it sets
 //! `queue = "..."`), the messages ready in it, its consumers and the messages in its `.dlq`,
 //! through passive declares (no management plugin needed).
+//!
+//! `events` prints, live and one JSON object a line, the events of the workers started with
+//! `--events` (`{"event", "task", "id", "attempt", "worker", "at_ms"}`, plus `error` where there
+//! is one), until interrupted; `--task` keeps one task's events (the worker events are left
+//! out then). It declares the events exchange (as the workers do) and a queue of its own,
+//! deleted when it exits.
+//!
+//! `inspect` asks every live worker of the namespace, through the control exchange (fanout),
+//! who it is (`ping`: its id `<host>:<pid>` and uptime), what it serves (`registered`), what it
+//! runs now (`active`: task, id, for how long) or its counters (`stats`), and prints each
+//! answer received within `--timeout` (default 1 s) as one JSON line. It exits 0 when at least
+//! one worker answered, 3 when none did.
+//!
+//! `revoke` appends the ids to the namespace's revocations stream (declared with the workers'
+//! arguments; kept 24 h), which every worker reads before it takes tasks: a revoked task that has
+//! not started is not run, nor dead-lettered, and a `.call()` waiting for it gets
+//! [`CallError::Revoked`]. With `--terminate` a run in progress is cancelled too. It exits 0 once
+//! the broker confirmed the revocation.
 //!
 //! # Exit codes
 //!
@@ -91,6 +112,30 @@ enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Print the events of the workers started with --events, live, one JSON line each.
+    Events {
+        /// Only this task's events.
+        #[arg(long)]
+        task: Option<String>,
+    },
+    /// Ask every live worker: ping, registered, active or stats; one JSON line per answer.
+    Inspect {
+        /// ping | registered | active | stats
+        #[arg(value_parser = parse_inspect)]
+        what: crate::protocol::control::Inspect,
+        /// How long to wait for answers.
+        #[arg(long, default_value = "1s", value_parser = duration::parse)]
+        timeout: Duration,
+    },
+    /// Revoke tasks by id: not run by any worker (kept 24 h); --terminate cancels running ones.
+    Revoke {
+        /// The task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Also cancel the tasks where they run now.
+        #[arg(long)]
+        terminate: bool,
+    },
     /// Print each task queue's ready messages, consumers and dead letters.
     Queues {
         /// Task names (or the queue names of tasks grouped with `queue = "..."`).
@@ -142,7 +187,10 @@ async fn run(cli: Cli) -> u8 {
                 }
             }
         }
-        Command::Queues { .. } => None,
+        Command::Queues { .. }
+        | Command::Events { .. }
+        | Command::Inspect { .. }
+        | Command::Revoke { .. } => None,
     };
     let client = match builder.connect().await {
         Ok(client) => client,
@@ -176,8 +224,250 @@ async fn run(cli: Cli) -> u8 {
             }
         }
         Command::Queues { tasks, json } => queues(&client, &tasks, json).await,
+        Command::Events { task } => events(&client, task.as_deref()).await,
+        Command::Inspect { what, timeout } => inspect(&client, what, timeout).await,
+        Command::Revoke { ids, terminate } => revoke(&client, ids, terminate).await,
     };
     client.close().await;
+    code
+}
+
+/// Appends a revocation to the stream and waits for the broker's confirm.
+async fn revoke(client: &Client, ids: Vec<String>, terminate: bool) -> u8 {
+    use crate::protocol::control::Revocation;
+    let queue = crate::protocol::topology::revocations_queue(client.namespace());
+    let declared = async {
+        let session = client.session().await.map_err(|e| e.to_string())?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::transport::topology::declare_revocations(&channel, &queue)
+            .await
+            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(30), declared).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            eprintln!("amqp-tasks: {error}");
+            return EXIT_CONNECTION;
+        }
+        Err(_) => {
+            eprintln!("amqp-tasks: the broker did not answer in time");
+            return EXIT_TIMEOUT;
+        }
+    }
+    let count = ids.len();
+    let Ok(body) = serde_json::to_vec(&Revocation::Revoke { ids, terminate }) else {
+        return EXIT_FAILED;
+    };
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    let deadline = tokio::time::Instant::now() + client.confirm_timeout();
+    match client
+        .publish(&queue, &body, properties, None, deadline)
+        .await
+    {
+        Ok(()) => {
+            println!(
+                "revoked {count} task(s){}",
+                if terminate {
+                    " (terminating running ones)"
+                } else {
+                    ""
+                }
+            );
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("amqp-tasks: {}: {error}", error.kind());
+            exit_code(&error)
+        }
+    }
+}
+
+fn parse_inspect(text: &str) -> Result<crate::protocol::control::Inspect, String> {
+    crate::protocol::control::Inspect::parse(text)
+        .ok_or_else(|| format!("`{text}`: ask ping, registered, active or stats"))
+}
+
+/// Sends one inspect request to every worker; prints the answers that come within `timeout`.
+async fn inspect(
+    client: &Client,
+    what: crate::protocol::control::Inspect,
+    timeout: Duration,
+) -> u8 {
+    use crate::protocol::control::Request;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let exchange = crate::protocol::topology::control_exchange(client.namespace());
+    let asked = async {
+        let session = client.session().await.map_err(|e| e.to_string())?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::transport::topology::declare_control(&channel, &exchange)
+            .await
+            .map_err(|e| format!("declaring `{exchange}`: {e}"))?;
+        let queue = format!(
+            "{exchange}.answers.{}",
+            crate::protocol::trace::random_uuid().simple()
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .await
+            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming `{queue}`: {e}"))?;
+        let body = serde_json::to_vec(&Request { inspect: what }).map_err(|e| e.to_string())?;
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_reply_to(queue.as_str().into()),
+            )
+            .await
+            .map_err(|e| format!("publishing to `{exchange}`: {e}"))?;
+        Ok::<_, String>((channel, consumer))
+    };
+    let (channel, mut consumer) = match tokio::time::timeout(Duration::from_secs(30), asked).await {
+        Ok(Ok(asked)) => asked,
+        Ok(Err(error)) => {
+            eprintln!("amqp-tasks: {error}");
+            return EXIT_CONNECTION;
+        }
+        Err(_) => {
+            eprintln!("amqp-tasks: the broker did not answer in time");
+            return EXIT_TIMEOUT;
+        }
+    };
+    let mut answers = 0;
+    let until = tokio::time::Instant::now() + timeout;
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout_at(until, crate::transport::next(&mut consumer)).await
+    {
+        answers += 1;
+        println!("{}", String::from_utf8_lossy(&delivery.data));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "done".into())).await;
+    if answers == 0 {
+        eprintln!("amqp-tasks: no worker answered within {timeout:?}");
+        EXIT_TIMEOUT
+    } else {
+        EXIT_OK
+    }
+}
+
+/// Prints events until interrupted (0) or the connection drops (4).
+async fn events(client: &Client, task: Option<&str>) -> u8 {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let exchange = crate::protocol::topology::events_exchange(client.namespace());
+    let listening = async {
+        let session = client.session().await.map_err(|e| e.to_string())?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::transport::topology::declare_events(&channel, &exchange)
+            .await
+            .map_err(|e| format!("declaring `{exchange}`: {e}"))?;
+        let queue = format!(
+            "{exchange}.listener.{}",
+            crate::protocol::trace::random_uuid().simple()
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .await
+            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+        let keys = match task {
+            // A task name may contain dots: `*` is the event, the rest the name.
+            Some(task) => vec![format!("task.*.{task}")],
+            None => vec!["task.#".to_owned(), "worker.#".to_owned()],
+        };
+        for key in keys {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("binding `{queue}`: {e}"))?;
+        }
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming `{queue}`: {e}"))?;
+        Ok::<_, String>((channel, consumer))
+    };
+    let (channel, mut consumer) =
+        match tokio::time::timeout(Duration::from_secs(30), listening).await {
+            Ok(Ok(listening)) => listening,
+            Ok(Err(error)) => {
+                eprintln!("amqp-tasks: {error}");
+                return EXIT_CONNECTION;
+            }
+            Err(_) => {
+                eprintln!("amqp-tasks: the broker did not answer in time");
+                return EXIT_TIMEOUT;
+            }
+        };
+    eprintln!("amqp-tasks: listening for events on `{exchange}` (Ctrl-C to stop)");
+    let code = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break EXIT_OK,
+            delivery = crate::transport::next(&mut consumer) => match delivery {
+                Some(Ok(delivery)) => println!("{}", String::from_utf8_lossy(&delivery.data)),
+                _ => {
+                    eprintln!("amqp-tasks: the connection to the broker was lost");
+                    break EXIT_CONNECTION;
+                }
+            },
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "done".into())).await;
     code
 }
 

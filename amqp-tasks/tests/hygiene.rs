@@ -43,6 +43,11 @@ mod hygienic {
         x.len()
     }
 
+    #[::amqp_tasks::task(cron = "0 0 * * * 0", catch_up = "none")]
+    pub async fn hourly_on_sundays(ctx: ::amqp_tasks::Context) {
+        let _ = ctx.task_id();
+    }
+
     #[::amqp_tasks::task(name = "elsewhere.charge")]
     pub async fn charge(cents: u64) -> ::core::option::Option<u64>;
 }
@@ -85,5 +90,20 @@ fn only_tasks_with_a_body_are_registered() {
         .iter()
         .map(|t| t.name())
         .collect();
-    assert_eq!(names, ["add", "hygiene.div", "relay"]);
+    assert_eq!(names, ["add", "hourly_on_sundays", "hygiene.div", "relay"]);
+}
+
+#[test]
+fn a_schedule_is_registered_with_its_task() {
+    let schedules: Vec<(&str, String)> = amqp_tasks::registry::tasks()
+        .iter()
+        .filter_map(|t| Some((t.name(), t.schedule()?.to_string())))
+        .collect();
+    assert_eq!(
+        schedules,
+        [(
+            "hourly_on_sundays",
+            "cron \"0 0 * * * 0\" (UTC), catch_up none".to_owned()
+        )]
+    );
 }

@@ -358,9 +358,14 @@ pub fn created_names(namespace: &str) -> (Vec<String>, Vec<String>) {
     queues.push(crate::raw::sink_queue(namespace));
     queues.push(crate::raw::echo_queue(namespace));
     queues.push(crate::raw::batched_queue(namespace));
+    queues.push(amqp_tasks::topology::revocations_queue(Some(namespace)));
     let (peer_queues, peer_exchanges) = crate::peers::created_names(namespace);
     queues.extend(peer_queues);
-    let mut exchanges = vec![amqp_tasks::topology::delay_exchange(Some(namespace))];
+    let mut exchanges = vec![
+        amqp_tasks::topology::delay_exchange(Some(namespace)),
+        amqp_tasks::topology::events_exchange(Some(namespace)),
+        amqp_tasks::topology::control_exchange(Some(namespace)),
+    ];
     exchanges.extend(peer_exchanges);
     (queues, exchanges)
 }

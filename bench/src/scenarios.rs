@@ -824,7 +824,7 @@ impl Bench {
             println!("{line}");
         }
         let [framework, one_task, baseline, plain] = &figures;
-        let same = "; requests transient with expiration, confirmed before the reply is awaited; one exclusive client-named reply queue per client (no_ack)";
+        let same = "; requests transient with expiration, published with confirms (amqp-tasks races the reply against its confirm, the raw side awaits the confirm first); one exclusive client-named reply queue per client (no_ack)";
         let mut reports = Vec::new();
         let mut bars = Vec::new();
         let (report, bar) = self.call_report(name, in_flight, n, framework, baseline, same);

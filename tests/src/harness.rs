@@ -117,6 +117,7 @@ impl TestEnv {
                         })
                     }),
             )
+            .chain([amqp_tasks::topology::revocations_queue(Some(&namespace))])
             .collect();
         TestEnv {
             namespace,
@@ -304,7 +305,12 @@ impl Drop for TestEnv {
             amqp_tasks::QueueType::Classic,
             amqp_tasks::QueueType::Quorum,
         ]
-        .map(|kind| amqp_tasks::topology::delay_exchange_of(Some(&self.namespace), kind));
+        .map(|kind| amqp_tasks::topology::delay_exchange_of(Some(&self.namespace), kind))
+        .into_iter()
+        .chain([
+            amqp_tasks::topology::events_exchange(Some(&self.namespace)),
+            amqp_tasks::topology::control_exchange(Some(&self.namespace)),
+        ]);
         let url = self.url.clone();
         let _ = std::fs::remove_dir_all(&self.dir);
         // A runtime of its own (the test's may be gone, or panicking), and a bound on the wait:

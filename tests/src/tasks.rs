@@ -497,3 +497,13 @@ pub async fn steps(ctx: Context, count: u32, ms: u64) -> u32 {
 pub async fn add_unstored(a: i64, b: i64) -> i64 {
     a + b
 }
+
+/// A periodic task: every second, prints its tick id and when it ran (`beat tick <id> at <ms>`)
+/// for `tests/tests/beat.rs`, which reads the workers' output. Only `--beat` workers send ticks.
+#[task(every = "1s")]
+pub async fn beat_tick(ctx: Context) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    println!("beat tick {} at {now}", ctx.task_id());
+}

@@ -501,3 +501,29 @@ async fn a_batch_of_delays_is_confirmed_message_by_message() {
     })
     .await;
 }
+
+/// The worker acks runs of finished deliveries with one `multiple` ack, but never holds one back
+/// for company that does not come: a lone task, and the tail of a burst, are acked all the same,
+/// and nothing is left unacknowledged on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_acks_leave_no_delivery_unacked() {
+    let env = TestEnv::new("ack-tail");
+    bounded(LIMIT, async {
+        let _worker = env.worker(WORKER, &[]).ready().await;
+        let client = env.client().await;
+
+        assert_eq!(add::new(1, 2).call(&client).await, Ok(3));
+        env.settled("add").await;
+
+        // 40 at once: acked in runs, whatever their length.
+        let sums = concurrently(&client, 40, |client, i| async move {
+            add::new(i as i64, 1).call(&client).await
+        })
+        .await;
+        for (i, sum) in sums.into_iter().enumerate() {
+            assert_eq!(sum, Ok(i as i64 + 1));
+        }
+        env.settled("add").await;
+    })
+    .await;
+}

@@ -189,11 +189,35 @@ impl Client {
                     std::env::args().next().unwrap_or_default(),
                     std::process::id()
                 ),
+                max_heartbeat: None,
             },
             confirm_timeout: Duration::from_secs(30),
             results: None,
             result_ttl: crate::results::DEFAULT_RESULT_TTL,
         }
+    }
+
+    /// A second client to the same broker(s) and namespace, not connected yet, whose
+    /// connections ask for a heartbeat every `max_heartbeat` seconds at most (the scheduler's:
+    /// a silent network loss must hand its token on within seconds). `None` for a client backed
+    /// by an in-process test worker.
+    pub(crate) fn sibling(&self, max_heartbeat: u16, name: &str) -> Option<Result<Client, Error>> {
+        let broker = self.broker()?;
+        let mut config = broker.config.clone();
+        config.max_heartbeat = Some(max_heartbeat);
+        config.connection_name = format!("{} ({name})", config.connection_name);
+        Some(
+            Broker::new(config)
+                .map_err(Error::Config)
+                .map(|broker| Client {
+                    inner: Arc::new(ClientInner {
+                        backend: Backend::Broker(broker),
+                        confirm_timeout: self.inner.confirm_timeout,
+                        // The scheduler only sends ticks: it keeps no states.
+                        results: None,
+                    }),
+                }),
+        )
     }
 
     /// A client whose messages go to `local` instead of a broker.

@@ -105,10 +105,7 @@ fn outcome<T: Task>(id: &TaskId, record: Record) -> Option<Result<T::Output, Cal
             },
             T::CODEC,
         )),
-        // TODO(revocation): once `CallError::Revoked` exists, a revoked task maps to it.
-        None if record.status.state == TaskState::Revoked => {
-            Some(Err(CallError::Rejected("the task was revoked".to_owned())))
-        }
+        None if record.status.state == TaskState::Revoked => Some(Err(CallError::Revoked)),
         None => Some(Err(CallError::BadReply(format!(
             "task {id} is {:?} but its record holds no reply",
             record.status.state

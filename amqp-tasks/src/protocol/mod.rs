@@ -1,21 +1,25 @@
 //! The protocol layer: what tasks, replies and dead letters look like on the broker, as pure data
 //! and arithmetic. It owns the headers (read borrowed from a delivery, written within a budget),
 //! the reply format and its mapping to [`CallError`](crate::CallError), the dead-letter headers,
-//! the topology (queue names and arguments), the codecs, signatures, trace ids, durations and
-//! the one retry policy.
+//! the topology (queue names and arguments), the codecs, signatures, trace ids, durations, the
+//! schedules of periodic tasks, the one retry policy and the one vocabulary of outcomes.
 //!
 //! It must not do I/O, hold state or know about sessions, clients or workers: every layer above
 //! (transport, client, worker) builds on it, and it depends on none of them. The public face of
 //! the wire format is [`crate::wire`].
 
 pub mod codec;
+pub(crate) mod control;
 pub(crate) mod dead_letter;
 pub(crate) mod duration;
+pub(crate) mod event;
 pub(crate) mod headers;
 pub(crate) mod json_args;
+pub(crate) mod outcome;
 pub(crate) mod properties;
 pub(crate) mod reply;
 pub(crate) mod retry;
+pub mod schedule;
 pub(crate) mod signature;
 pub mod topology;
 pub(crate) mod trace;

@@ -34,6 +34,8 @@ pub enum ErrorKind {
     BadResult,
     /// The message was redelivered too often: it probably kills its worker.
     TooManyRedeliveries,
+    /// The task was revoked: not run, or cancelled while running.
+    Revoked,
 }
 
 impl ErrorKind {
@@ -51,6 +53,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::BadResult => "bad_result",
             ErrorKind::TooManyRedeliveries => "too_many_redeliveries",
+            ErrorKind::Revoked => "revoked",
         }
     }
 
@@ -69,7 +72,7 @@ impl ErrorKind {
 
     /// The kind of a wire name.
     pub fn parse(name: &str) -> Option<ErrorKind> {
-        const ALL: [ErrorKind; 11] = [
+        const ALL: [ErrorKind; 12] = [
             ErrorKind::Task,
             ErrorKind::UnknownTask,
             ErrorKind::BadPayload,
@@ -81,6 +84,7 @@ impl ErrorKind {
             ErrorKind::TooLarge,
             ErrorKind::BadResult,
             ErrorKind::TooManyRedeliveries,
+            ErrorKind::Revoked,
         ];
         ALL.into_iter().find(|kind| kind.as_str() == name)
     }
@@ -240,6 +244,7 @@ fn into_call_error<V, E>(
             | ErrorKind::TooManyRedeliveries,
         ) => CallError::Rejected(message),
         Some(ErrorKind::BadResult) => CallError::BadReply(message),
+        Some(ErrorKind::Revoked) => CallError::Revoked,
         None => CallError::Remote {
             kind: if error.type_name.is_empty() {
                 error.kind.unwrap_or_else(|| "error".to_owned())
@@ -305,6 +310,7 @@ mod tests {
             "too_large",
             "bad_result",
             "too_many_redeliveries",
+            "revoked",
         ] {
             assert_eq!(ErrorKind::parse(name).unwrap().as_str(), name);
             assert!(!ErrorKind::parse(name).unwrap().type_name().contains('_'));
@@ -325,7 +331,7 @@ mod tests {
     #[test]
     fn error_replies_of_either_codec_become_their_call_errors() {
         let why = || "why".to_owned();
-        let cases: [(ErrorKind, CallError<String>); 11] = [
+        let cases: [(ErrorKind, CallError<String>); 12] = [
             (ErrorKind::UnknownTask, CallError::UnknownTask(why())),
             (ErrorKind::BadPayload, CallError::BadPayload(why())),
             (
@@ -342,6 +348,7 @@ mod tests {
             (ErrorKind::TooLarge, CallError::Rejected(why())),
             (ErrorKind::TooManyRedeliveries, CallError::Rejected(why())),
             (ErrorKind::BadResult, CallError::BadReply(why())),
+            (ErrorKind::Revoked, CallError::Revoked),
             // A task error without its value (another language's service) is remote.
             (
                 ErrorKind::Task,

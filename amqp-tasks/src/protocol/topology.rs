@@ -12,6 +12,15 @@
 //!   [`presence_queue`]).
 //! - Only workers (and the provisioning command) declare them; clients never do.
 //!
+//! # The scheduler's election queue
+//!
+//! Workers started with `--beat` elect the one active scheduler of periodic tasks through one
+//! queue, `<namespace>.amqp-tasks.beat` (see [`beat_queue`]): durable, with exactly two
+//! arguments, `x-queue-type` = `quorum` and `x-single-active-consumer` = `true`, whatever
+//! `--queue-type` says. It holds the scheduler's token (a JSON message carrying the last tick
+//! fired of each periodic task); the candidate that holds the token's delivery is the active
+//! scheduler. Frozen like every other queue: these arguments never change.
+//!
 //! # Delays
 //!
 //! Delayed tasks (`.countdown()`, `.eta()`) and retries wait in the broker, not in a worker's
@@ -188,6 +197,62 @@ pub fn presence_queue(namespace: Option<&str>, task: &str) -> String {
     queue_name(namespace, &format!("amqp-tasks.serves.{task}"))
 }
 
+/// The scheduler's election queue, `<namespace>.amqp-tasks.beat` (see the [module
+/// documentation](self#the-schedulers-election-queue)).
+pub fn beat_queue(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.beat")
+}
+
+/// The arguments of the election queue: quorum, single active consumer. Frozen.
+pub(crate) fn beat_queue_arguments() -> FieldTable {
+    let mut arguments = task_queue_arguments(QueueType::Quorum);
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    arguments
+}
+
+/// The events exchange, `<namespace>.amqp-tasks.events`: a durable topic exchange to which
+/// workers started with `--events` publish task events (routing key `task.<event>.<task name>`)
+/// and worker events (`worker.<event>`), transient, as JSON.
+pub fn events_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.events")
+}
+
+/// The control exchange, `<namespace>.amqp-tasks.control`: a durable fanout exchange to which
+/// `amqp-tasks inspect` sends its requests; every live worker has a queue of its own bound to it.
+pub fn control_exchange(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.control")
+}
+
+/// The revocations stream, `<namespace>.amqp-tasks.revoked`: `amqp-tasks revoke` appends to it,
+/// every worker reads it from its first message before it takes tasks (and then follows it).
+/// A stream queue (durable), always declared with the same arguments: `x-queue-type` `stream`,
+/// `x-max-age` [`REVOCATION_RETENTION`], `x-stream-max-segment-size-bytes` 1,000,000.
+pub fn revocations_queue(namespace: Option<&str>) -> String {
+    queue_name(namespace, "amqp-tasks.revoked")
+}
+
+/// How long revocations are kept (`x-max-age`).
+pub const REVOCATION_RETENTION: &str = "24h";
+
+/// The revocations stream's arguments, the same for every declare: a stream kept 24 h, in small
+/// segments (the broker drops whole segments only).
+pub(crate) fn revocations_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    arguments.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(REVOCATION_RETENTION.into()),
+    );
+    arguments.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(1_000_000),
+    );
+    arguments
+}
+
 /// The dead-letter queue of a task queue.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
@@ -222,6 +287,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_election_queue_is_quorum_with_one_active_consumer() {
+        let arguments = beat_queue_arguments();
+        let inner = arguments.inner();
+        assert_eq!(inner.len(), 2);
+        assert_eq!(
+            inner.get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            inner.get("x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+    }
+
+    #[test]
     fn buckets_cover_100ms_to_29h() {
         assert_eq!(DELAY_BUCKETS_MS[0], 100);
         assert_eq!(DELAY_BUCKETS_MS[20], 104_857_600);
@@ -241,6 +321,8 @@ mod tests {
             "staging.amqp-tasks.serves.math.div"
         );
         assert_eq!(dead_letter_queue("staging.add"), "staging.add.dlq");
+        assert_eq!(beat_queue(Some("staging")), "staging.amqp-tasks.beat");
+        assert_eq!(beat_queue(None), "amqp-tasks.beat");
         assert_eq!(delay_exchange(None), "amqp-tasks.delay");
         assert_eq!(delay_queue(Some("t"), 800), "t.amqp-tasks.delay.800ms");
         assert_eq!(

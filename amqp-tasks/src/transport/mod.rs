@@ -33,6 +33,9 @@ pub(crate) struct BrokerConfig {
     pub(crate) namespace: Option<String>,
     pub(crate) connect_timeout: Duration,
     pub(crate) connection_name: String,
+    /// The longest heartbeat interval its connections ask for, in seconds (`None`: what the
+    /// URL says, else the broker's); the scheduler's connections use a short one.
+    pub(crate) max_heartbeat: Option<u16>,
 }
 
 /// The broker as the rest of the crate sees it: the live session, or a new one when it is lost,
@@ -50,7 +53,12 @@ pub(crate) struct Broker {
 impl Broker {
     /// Parses the URL (or list of URLs) of `config`.
     pub(crate) fn new(config: BrokerConfig) -> Result<Broker, String> {
-        let endpoints = url::parse_list(&config.url)?;
+        let mut endpoints = url::parse_list(&config.url)?;
+        if let Some(max) = config.max_heartbeat {
+            for endpoint in &mut endpoints {
+                endpoint.cap_heartbeat(max);
+            }
+        }
         let start = crate::protocol::trace::random_u64() as usize % endpoints.len();
         Ok(Broker {
             config,

@@ -13,6 +13,7 @@ use crate::protocol::{short, topology, unix_ms};
 use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -119,13 +120,24 @@ impl Broker {
                 .with_reply_to(short(&session.reply_queue))
                 .with_correlation_id(short(&pending.correlation_id));
             let (exchange, properties) = self.route(&session, queue, properties, eta_ms).await?;
-            session
-                .publish_until_taken(&exchange, queue, body, properties, deadline)
-                .await?;
             let mut pending = pending;
-            (&mut pending.receiver)
-                .await
-                .map_err(|_| CallError::ConnectionLost(session.lost_reason()))
+            // The reply is not made to wait for the confirm: whichever settles the call first
+            // (the reply, a return or refusal through the confirm, or the deadline) decides.
+            let answer = match session
+                .publish_racing(
+                    &exchange,
+                    queue,
+                    body,
+                    properties,
+                    deadline,
+                    &mut pending.receiver,
+                )
+                .await?
+            {
+                Raced::Answered(answer) => answer,
+                Raced::Taken => (&mut pending.receiver).await,
+            };
+            answer.map_err(|_| CallError::ConnectionLost(session.lost_reason()))
         })
         .await
         .unwrap_or(Err(CallError::Timeout))
@@ -176,6 +188,14 @@ impl Broker {
     }
 }
 
+/// How a publish raced against an answer ended.
+pub(crate) enum Raced<T> {
+    /// The broker took the message (confirmed, routed) before the answer came.
+    Taken,
+    /// The answer came first; the confirm no longer matters.
+    Answered(T),
+}
+
 /// What a nack says: the broker did not take the message (a quorum queue electing its leader,
 /// say). It is sent again, for a while: [`NACK_PATIENCE`].
 const NACKED: &str = "the broker nacked the message";
@@ -196,6 +216,31 @@ impl Session {
         properties: BasicProperties,
         deadline: Instant,
     ) -> Result<(), CallError> {
+        let mut never = std::future::pending::<()>();
+        self.publish_racing(
+            exchange,
+            routing_key,
+            body,
+            properties,
+            deadline,
+            &mut never,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// [`publish_until_taken`](Session::publish_until_taken), raced against `answer` (a
+    /// request's reply): the publish ends as soon as its confirm is in (taken, returned or
+    /// refused) or the answer came, whichever is first; the answer ends a nack's backoff too.
+    pub(crate) async fn publish_racing<F: Future + Unpin>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: Instant,
+        answer: &mut F,
+    ) -> Result<Raced<F::Output>, CallError> {
         let give_up = deadline.min(Instant::now() + NACK_PATIENCE);
         let mut attempt = 0;
         loop {
@@ -204,7 +249,23 @@ impl Session {
                 .start_publish(&channel, exchange, routing_key, body, properties.clone())
                 .await
             {
-                Ok(confirm) => self.confirmed(confirm, exchange, routing_key).await,
+                Ok(mut confirm) => {
+                    tokio::select! {
+                        // The confirm first when both are in: nothing is left pending then.
+                        biased;
+                        confirmation = &mut confirm => {
+                            self.judge(confirmation, exchange, routing_key)
+                        }
+                        answer = &mut *answer => {
+                            // lapin keeps an unresolved confirm that is dropped until its
+                            // channel ends: it is awaited aside instead.
+                            tokio::spawn(async move {
+                                let _ = confirm.await;
+                            });
+                            return Ok(Raced::Answered(answer));
+                        }
+                    }
+                }
                 Err(error) => Err(error),
             };
             match result {
@@ -217,9 +278,13 @@ impl Session {
                         return Err(CallError::Rejected(reason));
                     }
                     tracing::debug!(exchange, routing_key, retry_in = ?wait, "the broker nacked a message; sending it again");
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        answer = &mut *answer => return Ok(Raced::Answered(answer)),
+                    }
                 }
-                other => return other,
+                Ok(()) => return Ok(Raced::Taken),
+                Err(error) => return Err(error),
             }
         }
     }
@@ -256,7 +321,17 @@ impl Session {
         exchange: &str,
         routing_key: &str,
     ) -> Result<(), CallError> {
-        match confirm.await.map_err(|e| self.failed(e))? {
+        self.judge(confirm.await, exchange, routing_key)
+    }
+
+    /// What a publisher confirm says about the message: taken, returned (`NoRoute`) or refused.
+    fn judge(
+        &self,
+        confirmation: lapin::Result<Confirmation>,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), CallError> {
+        match confirmation.map_err(|e| self.failed(e))? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 if returned.reply_code == 312 && exchange.is_empty() {

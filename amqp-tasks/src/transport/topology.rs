@@ -1,10 +1,12 @@
 //! Declaring the topology: the delay exchange and its bucket queues, task queues and their
-//! dead-letter queues, with the names and arguments `protocol::topology` fixes. The one place
+//! dead-letter queues, the scheduler's election queue, the events and control exchanges, the
+//! revocations stream, with the names and arguments `protocol::topology` fixes. The one place
 //! that declares; clients never call it (they publish with `mandatory` instead).
 
 use crate::protocol::topology::{
-    DELAY_BUCKETS_MS, QueueType, dead_letter_queue, delay_binding, delay_exchange_of,
-    delay_queue_arguments, delay_queue_of, redelivered_queue, task_queue_arguments,
+    DELAY_BUCKETS_MS, QueueType, beat_queue_arguments, dead_letter_queue, delay_binding,
+    delay_exchange_of, delay_queue_arguments, delay_queue_of, redelivered_queue,
+    task_queue_arguments,
 };
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -85,4 +87,67 @@ pub(crate) async fn declare_presence(channel: &Channel, queue: &str) -> Result<(
         )
         .await
         .map(drop)
+}
+
+/// Declares the scheduler's election queue (quorum, single active consumer); returns what the
+/// broker says of it (how many tokens are ready).
+pub(crate) async fn declare_beat_queue(
+    channel: &Channel,
+    queue: &str,
+) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            beat_queue_arguments(),
+        )
+        .await
+}
+
+/// Declares the events exchange (a durable topic exchange; idempotent: workers with `--events`
+/// and `amqp-tasks events` declare it alike).
+pub(crate) async fn declare_events(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the control exchange (a durable fanout exchange; idempotent: workers and
+/// `amqp-tasks inspect` declare it alike).
+pub(crate) async fn declare_control(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the revocations stream with its one set of arguments (workers and
+/// `amqp-tasks revoke` alike).
+pub(crate) async fn declare_revocations(
+    channel: &Channel,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            crate::protocol::topology::revocations_arguments(),
+        )
+        .await
+        .map(|_| ())
 }

@@ -71,6 +71,19 @@ pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
     })
 }
 
+impl Endpoint {
+    /// Asks for a heartbeat every `max` seconds at most (one the URL sets lower is kept; 0,
+    /// which turns heartbeats off, is not).
+    pub(crate) fn cap_heartbeat(&mut self, max: u16) {
+        let max = max.max(1);
+        let heartbeat = &mut self.uri.query.heartbeat;
+        *heartbeat = Some(match *heartbeat {
+            Some(set) if set > 0 => set.min(max),
+            _ => max,
+        });
+    }
+}
+
 /// The URL without the TLS parameters of RabbitMQ's URI spec (which lapin does not read), and
 /// those parameters.
 fn take_tls_parameters(url: &str) -> Result<(String, TlsOptions), String> {
@@ -190,6 +203,19 @@ mod tests {
             error.contains("amqps") && !error.contains("s3cret"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn heartbeats_can_be_capped() {
+        let mut nodes = parse_list(
+            "amqp://a:1@n1/%2f, amqp://a:1@n2/%2f?heartbeat=3, amqp://a:1@n3/%2f?heartbeat=0",
+        )
+        .unwrap();
+        for node in &mut nodes {
+            node.cap_heartbeat(5);
+        }
+        let heartbeats: Vec<_> = nodes.iter().map(|n| n.uri.query.heartbeat).collect();
+        assert_eq!(heartbeats, [Some(5), Some(3), Some(5)]);
     }
 
     #[test]

@@ -53,9 +53,19 @@ struct Cli {
     /// Redeliveries of a message (its worker died running it) before it is dead-lettered.
     #[arg(long, env = "AMQP_TASKS_MAX_REDELIVERIES", default_value_t = super::DEFAULT_MAX_REDELIVERIES)]
     max_redeliveries: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464) [default: off].
+    #[cfg(feature = "metrics")]
+    #[arg(long, env = "AMQP_TASKS_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Publish task and worker events (JSON) to the topic exchange `amqp-tasks.events`.
+    #[arg(long, env = "AMQP_TASKS_EVENTS")]
+    events: bool,
     /// Worker threads of the runtime [default: one per core].
     #[arg(long, env = "AMQP_TASKS_THREADS")]
     threads: Option<usize>,
+    /// Be a candidate scheduler of the periodic tasks served (one active among all candidates).
+    #[arg(long, env = "AMQP_TASKS_BEAT", value_parser = clap::builder::FalseyValueParser::new())]
+    beat: bool,
     /// Print every task of this binary with its arguments and queue, then exit.
     #[arg(long)]
     list: bool,
@@ -176,9 +186,15 @@ where
             .grace_period(cli.grace)
             .queue_type(cli.queue_type)
             .max_body_size(cli.max_body_size)
-            .max_redeliveries(cli.max_redeliveries);
+            .max_redeliveries(cli.max_redeliveries)
+            .beat(cli.beat)
+            .events(cli.events);
         if let Some(prefetch) = cli.prefetch {
             builder = builder.prefetch(prefetch);
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(addr) = cli.metrics_addr {
+            builder = builder.metrics_addr(addr);
         }
         if let Some(filter) = filter {
             builder = builder.tasks(filter);
@@ -297,7 +313,25 @@ fn print_list(cli: &Cli) {
                 .collect();
             println!("    takes: {}", states.join(", "));
         }
+        if let Some(schedule) = task.schedule() {
+            println!("    schedule: {schedule}  next: {}", next_due(&schedule));
+        }
         println!("    defined in {}", task.location());
+    }
+}
+
+/// When a schedule next ticks, in UTC, or why it cannot.
+fn next_due(schedule: &crate::schedule::Schedule) -> String {
+    let now = crate::protocol::unix_ms(std::time::SystemTime::now());
+    match schedule.plan() {
+        Ok(plan) => plan
+            .next_after(now)
+            .and_then(|ms| chrono::DateTime::from_timestamp_millis(i64::try_from(ms).ok()?))
+            .map_or_else(
+                || "never".to_owned(),
+                |at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ),
+        Err(error) => format!("none ({error})"),
     }
 }
 

@@ -393,6 +393,7 @@ pub(crate) async fn drain(shared: &Shared, closings: Vec<Closing>) -> Result<(),
         let _ = tokio::time::timeout(CLOSE_PATIENCE * 2, shared.in_flight.idle()).await;
     }
     close_all(closings).await;
+    shared.observer.offline().await;
     if finished {
         tracing::info!("worker stopped");
         Ok(())

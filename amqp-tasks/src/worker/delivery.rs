@@ -3,17 +3,20 @@
 //! 1. [`admit`](super::admit): every check before running → [`Admission`] (run it, or a
 //!    [`Disposition`] at once);
 //! 2. [`execute`](super::execute): the handler under its time limit, panics caught →
-//!    [`Outcome`](super::execute::Outcome);
+//!    [`execute::Outcome`];
 //! 3. [`decide`]: what the outcome means for this message (its retries, its dead letter) → a
 //!    [`Disposition`];
 //! 4. [`dispose`](super::dispose): carry it out (reply, dead-letter, send on) →
 //!    [`Settle`](super::settle::Settle);
-//! 5. [`settle`](super::settle): the channel's acker acks or requeues it.
+//! 5. [`settle`](super::settle): the channel's acker acks or requeues it; a message settled for
+//!    good has one [`Outcome`] (`succeeded`, `retried`, `failed`, ...), reported once to
+//!    [`observe`](super::observe).
 
 use super::admit::{Admission, Admitted, admit};
 use super::consume::give_back;
 use super::dispose::dispose;
-use super::execute::{CatchUnwind, Outcome, panic_message};
+use super::execute::{self, CatchUnwind, panic_message};
+use super::observe;
 use super::registry::Registration;
 use super::settle::Settle;
 use super::store;
@@ -22,6 +25,7 @@ use crate::client::caller::{Gate, Slot};
 use crate::context::{Context, ContextParts};
 use crate::protocol::codec::Codec;
 use crate::protocol::headers::{TaskHeaders, push_error};
+use crate::protocol::outcome::Outcome;
 use crate::protocol::reply::{ErrorKind, ErrorReply};
 use crate::protocol::retry::RetryPolicy;
 use crate::protocol::trace::TraceParent;
@@ -31,6 +35,7 @@ use lapin::message::Delivery;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 /// What to do with a delivery once it was looked at (and maybe run).
 pub(crate) enum Disposition<'a> {
@@ -86,29 +91,58 @@ pub(crate) async fn handle(
     _in_flight: InFlightGuard,
 ) {
     let mut abandon = shared.abandon.subscribe();
+    if delivery.redelivered {
+        shared
+            .observer
+            .redelivered(observe::task_label(&queue, &delivery));
+    }
     let work = async {
-        let (disposition, ran) = match admit(&shared, &queue, &delivery).await {
+        if let Some((disposition, ended)) = revoked(&shared, &queue, &delivery) {
+            drop(permit);
+            let results = store::store_for(shared.client.results(), None);
+            let stored = results
+                .and_then(|_| store::outcome(&delivery, &disposition, None))
+                .map(store::revoked);
+            let settle = dispose(&shared, &queue, &delivery, disposition).await;
+            store_if_settled(results, stored, &settle);
+            return (settle, Some(ended));
+        }
+        let (disposition, ended, ran) = match admit(&shared, &queue, &delivery).await {
             Admission::Run(admitted) => {
                 let ran = (admitted.task, admitted.headers.attempt);
-                let disposition = run(&shared, &queue, &delivery, admitted, permit).await;
-                (disposition, Some(ran))
+                let task = admitted.task.name();
+                let started = std::time::Instant::now();
+                let (disposition, outcome, detail) =
+                    run(&shared, &queue, &delivery, admitted, permit).await;
+                // A message refused by the handler's own stage (undecodable arguments) did not
+                // run: no run time.
+                let ended = Ended {
+                    task,
+                    outcome,
+                    ran_for: (outcome != Outcome::Rejected).then(|| started.elapsed()),
+                    detail,
+                };
+                (disposition, Some(ended), Some(ran))
             }
             Admission::Dispose(disposition) => {
                 // Nothing runs: the slot is free before the disposition is carried out.
                 drop(permit);
-                (disposition, None)
+                let refused = refused(&shared, &queue, &delivery, &disposition);
+                (disposition, refused, None)
             }
         };
         let results = store::store_for(shared.client.results(), ran.map(|(task, _)| task));
-        let stored = results.and_then(|_| store::outcome(&delivery, &disposition, ran));
-        let settle = dispose(&shared, &queue, &delivery, disposition).await;
-        // Written once carried out: a delivery given back runs again, and says so then.
-        if let (Some(results), Some(write)) = (results, stored)
-            && matches!(settle, Settle::Ack(_) | Settle::AckedAlone(_))
+        let mut stored = results.and_then(|_| store::outcome(&delivery, &disposition, ran));
+        if ended
+            .as_ref()
+            .is_some_and(|ended| ended.outcome == Outcome::Revoked)
         {
-            results.write(write);
+            // `revoke --terminate` cancelled it while it ran.
+            stored = stored.map(store::revoked);
         }
-        settle
+        let settle = dispose(&shared, &queue, &delivery, disposition).await;
+        store_if_settled(results, stored, &settle);
+        (settle, ended)
     };
     // Anything of the pipeline that panics (a bug, not the user's code, which execute guards)
     // still settles the delivery, so that the ack window keeps moving.
@@ -116,7 +150,14 @@ pub(crate) async fn handle(
     tokio::select! {
         biased;
         settle = work => match settle {
-            Ok(settle) => queue.acks.send(settle),
+            Ok((settle, ended)) => {
+                // Counted once, and only when the message is settled for good (not given back
+                // to run again).
+                if let (Settle::Ack(_) | Settle::AckedAlone(_), Some(ended)) = (settle, ended) {
+                    shared.observer.settled(&ended);
+                }
+                queue.acks.send(settle)
+            }
             Err(panic) => {
                 tracing::error!(queue = %queue.name, tag = delivery.delivery_tag, panic = %panic_message(&*panic), "the worker's pipeline panicked; returning the delivery");
                 queue.acks.send(Settle::Requeue(delivery.delivery_tag));
@@ -131,6 +172,90 @@ pub(crate) async fn handle(
     }
 }
 
+/// Writes a message's state to the result store once its settlement is carried out: a delivery
+/// given back runs again, and says so then.
+fn store_if_settled(
+    results: Option<&crate::results::Results>,
+    stored: Option<crate::results::Write>,
+    settle: &Settle,
+) {
+    if let (Some(results), Some(write)) = (results, stored)
+        && matches!(settle, Settle::Ack(_) | Settle::AckedAlone(_))
+    {
+        results.write(write);
+    }
+}
+
+/// How a message ended in this worker, once settled: its task and [`Outcome`], how long its
+/// handler ran (`None` when it was refused before running), and, with events on, its id,
+/// attempt and error.
+pub(crate) struct Ended {
+    pub(crate) task: &'static str,
+    pub(crate) outcome: Outcome,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) ran_for: Option<std::time::Duration>,
+    pub(crate) detail: Option<observe::Detail>,
+}
+
+/// The outcome of a message refused at admission (answered without running): `rejected`. A copy
+/// sent on (redelivered, passed on, not due yet) has not ended: no outcome.
+fn refused(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+    disposition: &Disposition<'_>,
+) -> Option<Ended> {
+    let Disposition::Answer { dead_letter, .. } = disposition else {
+        return None;
+    };
+    let detail = shared.observer.wants_detail().then(|| {
+        let error = dead_letter.as_ref().map(|(_, message)| message.as_str());
+        observe::detail(delivery, error)
+    });
+    Some(Ended {
+        task: observe::task_label(queue, delivery),
+        outcome: Outcome::Rejected,
+        ran_for: None,
+        detail,
+    })
+}
+
+/// A delivery whose task id was revoked (`amqp-tasks revoke`): not run, answered with
+/// `revoked`, not dead-lettered.
+fn revoked<'a>(
+    shared: &Shared,
+    queue: &QueueState,
+    delivery: &Delivery,
+) -> Option<(Disposition<'a>, Ended)> {
+    let id = delivery.properties.message_id().as_ref()?.as_str();
+    if !shared.revocations.contains(id) {
+        return None;
+    }
+    let task = observe::task_label(queue, delivery);
+    tracing::info!(task, id, "revoked: not run");
+    let codec = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .and_then(|c| Codec::from_content_type(c.as_str()))
+        .unwrap_or(Codec::Json);
+    let message = "revoked before it ran".to_owned();
+    let detail = shared
+        .observer
+        .wants_detail()
+        .then(|| observe::detail(delivery, Some(&message)));
+    let ended = Ended {
+        task,
+        outcome: Outcome::Revoked,
+        ran_for: None,
+        detail,
+    };
+    Some((
+        Disposition::failure(codec, ErrorKind::Revoked, message, false),
+        ended,
+    ))
+}
+
 /// Executes an admitted delivery with its context, then decides what its outcome means. A task of
 /// the redelivered lane runs alone: it waits for every other task of the worker to finish, and
 /// none starts until it has.
@@ -140,7 +265,7 @@ async fn run<'a>(
     delivery: &'a Delivery,
     admitted: Admitted<'a>,
     permit: OwnedSemaphorePermit,
-) -> Disposition<'a> {
+) -> (Disposition<'a>, Outcome, Option<observe::Detail>) {
     let Admitted {
         task,
         codec,
@@ -186,16 +311,65 @@ async fn run<'a>(
         trace: trace.clone(),
         slot: Some(slot.clone()),
     });
-    tracing::debug!(
-        task = task.name(),
+    // One span per run, across hops: the trace id and the parent task tie it to its caller's.
+    let span = tracing::info_span!(
+        "task",
+        name = task.name(),
         id,
-        trace_id = trace.trace_id(),
         attempt = headers.attempt,
-        "task started"
+        trace_id = trace.trace_id(),
+        parent_id = headers.parent_id.as_deref(),
     );
-    let outcome = (task.run)(ctx, codec, &delivery.data).await;
+    span.in_scope(|| tracing::debug!("task started"));
+    shared.observer.started(task.name(), id, headers.attempt);
+    let running = shared.observer.running(task.name(), id);
+    let handler = (task.run)(ctx, codec, &delivery.data).instrument(span.clone());
+    let ran = match running.stop.clone() {
+        Some(stop) => tokio::select! {
+            biased;
+            ran = handler => Some(ran),
+            () = stop.notified() => None,
+        },
+        None => Some(handler.await),
+    };
+    drop(running);
     slot.finish();
-    decide(task, codec, headers, id, trace.trace_id(), outcome)
+    let Some(ran) = ran else {
+        // Revoked with --terminate while it ran: cancelled, answered, not dead-lettered.
+        let message = "revoked: cancelled while running".to_owned();
+        span.in_scope(|| tracing::info!("task revoked while running: cancelled"));
+        let detail = shared.observer.wants_detail().then(|| observe::Detail {
+            id: id.to_owned(),
+            attempt: headers.attempt,
+            error: Some(message.clone()),
+        });
+        let disposition = Disposition::failure(codec, ErrorKind::Revoked, message, false);
+        return (disposition, Outcome::Revoked, detail);
+    };
+    let ended = match &ran {
+        execute::Outcome::Value(_) => Outcome::Succeeded,
+        execute::Outcome::TaskError { .. } => Outcome::Failed,
+        execute::Outcome::Failure { kind, .. } => Outcome::of_failure(*kind),
+    };
+    let detail = shared.observer.wants_detail().then(|| observe::Detail {
+        id: id.to_owned(),
+        attempt: headers.attempt,
+        error: match &ran {
+            execute::Outcome::Value(_) => None,
+            execute::Outcome::TaskError { message, .. }
+            | execute::Outcome::Failure { message, .. } => Some(message.clone()),
+        },
+    });
+    span.in_scope(|| {
+        let disposition = decide(task, codec, headers, id, trace.trace_id(), ran);
+        // A copy sent on is a retry.
+        let outcome = match disposition {
+            Disposition::Forward { .. } => Outcome::Retried,
+            Disposition::Answer { .. } => ended,
+        };
+        tracing::debug!(outcome = outcome.as_str(), "task ended");
+        (disposition, outcome, detail)
+    })
 }
 
 /// What an outcome means for its message: answered (and dead-lettered where due), or retried.
@@ -206,10 +380,10 @@ pub(crate) fn decide<'a>(
     headers: TaskHeaders<'a>,
     id: &str,
     trace_id: &str,
-    outcome: Outcome,
+    outcome: execute::Outcome,
 ) -> Disposition<'a> {
     match outcome {
-        Outcome::Value(body) => {
+        execute::Outcome::Value(body) => {
             tracing::debug!(task = task.name(), id, trace_id, "task succeeded");
             Disposition::Answer {
                 reply: (TYPE_RESULT, body),
@@ -217,7 +391,7 @@ pub(crate) fn decide<'a>(
                 dead_letter: None,
             }
         }
-        Outcome::TaskError {
+        execute::Outcome::TaskError {
             body,
             message,
             retryable,
@@ -241,7 +415,7 @@ pub(crate) fn decide<'a>(
                 dead_letter,
             }
         }
-        Outcome::Failure {
+        execute::Outcome::Failure {
             kind,
             message,
             retryable,

@@ -79,7 +79,12 @@ async fn respond(
     }
     if let Some((kind, message)) = dead_letter {
         match Box::pin(dead_letter_it(shared, queue, delivery, kind, &message)).await {
-            Ok(()) => queue.dead_letters.succeeded(),
+            Ok(()) => {
+                queue.dead_letters.succeeded();
+                shared
+                    .observer
+                    .dead_lettered(queue, delivery, kind.as_str(), &message);
+            }
             Err(error) => return Box::pin(hold_back(shared, queue, delivery, error)).await,
         }
     }

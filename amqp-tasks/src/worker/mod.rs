@@ -15,17 +15,35 @@
 //! - Bad input and failed handlers are answered (where `reply_to` is set) and dead-lettered.
 //! - On shutdown: consumers are cancelled, prefetched tasks not started are requeued, tasks in
 //!   flight finish within the grace period, every ack is sent, then `serve` returns.
+//!
+//! # Metrics
+//!
+//! With [`WorkerBuilder::metrics_addr`] (`worker --metrics-addr`, env `AMQP_TASKS_METRICS_ADDR`;
+//! feature `metrics`, on by default) the worker serves `GET /metrics` in the Prometheus text
+//! format: `amqp_tasks_tasks_total{task, outcome}` (each message settled for good, with its
+//! outcome: `succeeded`, `retried`, `failed`, `panicked`, `time_limit`, `rejected`, `revoked`),
+//! `amqp_tasks_dead_letters_total{task, reason}` (counted apart: a failed or rejected message may
+//! also be dead-lettered), `amqp_tasks_task_duration_seconds{task}` (a histogram of handler run
+//! times), `amqp_tasks_tasks_in_flight`, `amqp_tasks_redeliveries_total{task}` and
+//! `amqp_tasks_broker_sessions_total`.
 
 pub(crate) mod admit;
+pub(crate) mod beat;
 #[cfg(feature = "cli")]
 pub(crate) mod cli;
 mod consume;
+pub(crate) mod control;
 pub(crate) mod delivery;
 pub(crate) mod dispose;
 pub mod dlq;
+pub(crate) mod events;
 pub(crate) mod execute;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
+pub(crate) mod observe;
 pub(crate) mod presence;
 pub mod registry;
+pub(crate) mod revoke;
 pub(crate) mod settle;
 mod store;
 
@@ -53,6 +71,8 @@ use tokio::sync::{Notify, RwLock, Semaphore, watch};
 
 /// How long declaring the topology and starting the consumers of a session may take.
 const OPEN_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a worker waits, at start-up, to have read the revocations stream.
+const REVOCATIONS_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Default of [`WorkerBuilder::concurrency`].
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -80,6 +100,10 @@ pub(crate) struct Settings {
     pub(crate) queue_type: QueueType,
     pub(crate) max_body: usize,
     pub(crate) max_redeliveries: u32,
+    pub(crate) beat: bool,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) events: bool,
 }
 
 /// Configures a [`Worker`].
@@ -94,7 +118,11 @@ pub struct WorkerBuilder {
     queue_type: QueueType,
     max_body: usize,
     max_redeliveries: u32,
+    beat: bool,
     states: States,
+    #[cfg(feature = "metrics")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    events: bool,
 }
 
 impl Worker {
@@ -109,7 +137,11 @@ impl Worker {
             queue_type: QueueType::Classic,
             max_body: DEFAULT_MAX_BODY,
             max_redeliveries: DEFAULT_MAX_REDELIVERIES,
+            beat: false,
             states: States::default(),
+            #[cfg(feature = "metrics")]
+            metrics_addr: None,
+            events: false,
         }
     }
 
@@ -153,7 +185,62 @@ impl Worker {
                 client.queue_name(task.queue())
             );
         }
+        let beat = if settings.beat {
+            let plans = beat::plans(&tasks)?;
+            if plans.is_empty() {
+                tracing::warn!("--beat: none of the tasks served is periodic; not a scheduler");
+                None
+            } else {
+                match client.sibling(beat::HEARTBEAT, "scheduler") {
+                    Some(scheduler) => Some((scheduler?, plans)),
+                    None => None,
+                }
+            }
+        } else {
+            None
+        };
+        let control = Arc::new(control::Control::new(
+            events::worker_id(),
+            tasks.iter().map(|t| t.name()).collect(),
+            settings.concurrency,
+        ));
+        let _control_listener = AbortOnDrop(tokio::spawn(control::listen(
+            client.clone(),
+            control.clone(),
+        )));
+        // Revoked tasks are known before any task is taken (bounded: a broker that cannot
+        // serve the stream does not keep the worker from serving).
+        let revocations = Arc::new(revoke::Revocations::default());
+        let _revocations_reader = AbortOnDrop(tokio::spawn(revoke::follow(
+            client.clone(),
+            revocations.clone(),
+            control.clone(),
+        )));
+        if !revocations.ready(REVOCATIONS_PATIENCE).await {
+            tracing::warn!(
+                "the revocations stream could not be read within {REVOCATIONS_PATIENCE:?}; serving without it for now"
+            );
+        }
+        #[allow(unused_mut)]
+        let mut observer = observe::Observer {
+            events: settings.events.then(|| events::Events::start(&client)),
+            control: Some(control.clone()),
+            ..observe::Observer::default()
+        };
+        #[cfg(feature = "metrics")]
+        let _metrics_server = match settings.metrics_addr {
+            Some(addr) => {
+                let metrics = Arc::new(metrics::Metrics::new());
+                let (_, server) = metrics::serve(metrics.clone(), addr).await?;
+                observer.metrics = Some(metrics);
+                Some(AbortOnDrop(server))
+            }
+            None => None,
+        };
+        let scheduler_control = control;
         let shared = Arc::new(Shared {
+            observer,
+            revocations,
             stopping: watch::Sender::new(false),
             abandon: watch::Sender::new(false),
             semaphore: Arc::new(Semaphore::new(settings.concurrency)),
@@ -165,8 +252,14 @@ impl Worker {
             states,
         });
 
+        // The scheduler starts once the task queues exist (its ticks go there), and stops,
+        // handing its token on, as soon as the worker stops, however `serve` returns.
+        let mut beat = beat;
+        let _stop_beat = StopOnDrop(shared.clone());
+
         let mut shutdown = std::pin::pin!(shutdown);
         let mut first = true;
+        let mut online = false;
         let mut attempt = 0;
         loop {
             // Between sessions, tasks of the lost one may still run: drain them too.
@@ -214,11 +307,24 @@ impl Worker {
             };
             first = false;
             attempt = 0;
+            shared.observer.session_started();
+            if !online {
+                online = true;
+                shared.observer.online();
+            }
             tracing::info!(
                 node = %session.url,
                 "worker ready: consuming {} queue(s) and their redelivered lanes",
                 consumers.len() / 2
             );
+            if let Some((scheduler, plans)) = beat.take() {
+                tokio::spawn(beat::run(
+                    scheduler,
+                    plans,
+                    scheduler_control.clone(),
+                    shared.stopping.subscribe(),
+                ));
+            }
             let (ended, closings) = run(&shared, &session, consumers, &mut shutdown).await;
             match ended {
                 Ended::Shutdown => return drain(&shared, closings).await,
@@ -282,6 +388,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// Makes this worker a candidate scheduler of the periodic tasks it serves (`worker
+    /// --beat`): any number of workers may be; the broker elects one active at a time (see
+    /// [`topology`](crate::topology#the-schedulers-election-queue) and the README's "Periodic
+    /// tasks"). Default off.
+    pub fn beat(mut self, beat: bool) -> Self {
+        self.beat = beat;
+        self
+    }
+
     /// Gives the tasks that take a `State<T>` parameter this value (one per type; a second
     /// value of the same type replaces the first). Cheap to share: every task gets a
     /// [`State`](crate::State) handle on the same value.
@@ -298,6 +413,26 @@ impl WorkerBuilder {
     /// ```
     pub fn state<T: StateValue>(mut self, value: T) -> Self {
         self.states.insert(value);
+        self
+    }
+
+    /// Serves Prometheus metrics at `http://ADDR/metrics` while the worker serves (default: no
+    /// metrics). A port 0 picks a free port; the address bound is logged. See the
+    /// [`metrics`](self#metrics) section for the samples. Feature `metrics` (default).
+    #[cfg(feature = "metrics")]
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Publishes task and worker events as JSON to the namespaced topic exchange
+    /// `amqp-tasks.events` (default off; `worker --events`): for each message `received`,
+    /// `started`, then its outcome (`succeeded`, `retried`, `failed`, `panicked`, `time_limit`,
+    /// `rejected`, `revoked`) and `dead_lettered`, under `task.<event>.<task name>`; `online`,
+    /// `heartbeat` (every 10 s) and `offline` under `worker.<event>`. Fire-and-forget: never
+    /// awaited by a task, dropped rather than slowing one down.
+    pub fn events(mut self, on: bool) -> Self {
+        self.events = on;
         self
     }
 
@@ -340,6 +475,10 @@ impl WorkerBuilder {
                 queue_type: self.queue_type,
                 max_body: self.max_body,
                 max_redeliveries: self.max_redeliveries,
+                beat: self.beat,
+                #[cfg(feature = "metrics")]
+                metrics_addr: self.metrics_addr,
+                events: self.events,
             },
             states: Arc::new(self.states),
         })
@@ -391,6 +530,15 @@ impl Worker {
     }
 }
 
+/// Tells everything that watches [`Shared::stopping`] (the scheduler) to stop, when dropped.
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stopping.send(true);
+    }
+}
+
 /// What every handler of this worker shares.
 pub(crate) struct Shared {
     pub(crate) client: Client,
@@ -406,6 +554,19 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     /// What the tasks' `State` parameters receive.
     pub(crate) states: Arc<States>,
+    /// Where reports on the messages handled go (metrics, events).
+    pub(crate) observer: observe::Observer,
+    /// The task ids revoked.
+    pub(crate) revocations: Arc<revoke::Revocations>,
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Which of a task queue's two consumers a delivery came from.

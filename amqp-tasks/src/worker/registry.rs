@@ -9,6 +9,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::handler::Handler;
 use crate::protocol::codec::Codec;
+use crate::protocol::schedule::Schedule;
 use crate::protocol::signature::Signature;
 pub use crate::state::StateNeed;
 use crate::task::{Param, Task};
@@ -32,6 +33,7 @@ pub struct Registration {
     store_result: bool,
     signature: fn() -> &'static Signature,
     states: &'static [StateNeed],
+    schedule: Option<Schedule>,
     pub(crate) run: Run,
     module_path: &'static str,
     file: &'static str,
@@ -47,7 +49,10 @@ impl Registration {
         file: &'static str,
         line: u32,
     ) -> Registration {
-        Registration::served_by::<T>(execute::run::<T>, T::STATES, (module_path, file, line))
+        let mut registration =
+            Registration::served_by::<T>(execute::run::<T>, T::STATES, (module_path, file, line));
+        registration.schedule = T::SCHEDULE;
+        registration
     }
 
     /// A task that `run` serves in place of a linked handler (a test's mock).
@@ -71,6 +76,7 @@ impl Registration {
             store_result: T::STORE_RESULT,
             signature: T::signature,
             states,
+            schedule: None,
             run,
             module_path,
             file,
@@ -140,6 +146,11 @@ impl Registration {
     /// The `State<T>` parameters it takes.
     pub fn states(&self) -> &'static [StateNeed] {
         self.states
+    }
+
+    /// When it ticks, for a periodic task (`#[task(every = ...)]`, `#[task(cron = ...)]`).
+    pub fn schedule(&self) -> Option<Schedule> {
+        self.schedule
     }
 
     /// Its signature fingerprint.

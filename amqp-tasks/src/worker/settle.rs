@@ -112,6 +112,12 @@ impl AckWindow {
         }
     }
 
+    /// Finished deliveries not acked yet.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.finished.len()
+    }
+
     /// The acks to send now: one multiple ack for the contiguous run (ending at its last tag not
     /// yet settled alone), then each finished tag beyond a gap on its own.
     pub(crate) fn take_acks(&mut self) -> Vec<Ack> {
@@ -185,6 +191,72 @@ impl Ranges {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Takes the window's acks as the broker would apply them, checking each: a multiple ack
+    /// may only reach tags that are settled (finished, or settled alone), and a finished tag is
+    /// acked once.
+    fn apply(
+        window: &mut AckWindow,
+        finished: &BTreeSet<u64>,
+        alone: &BTreeSet<u64>,
+        acked: &mut BTreeSet<u64>,
+    ) -> Result<(), TestCaseError> {
+        for ack in window.take_acks() {
+            let covered: Vec<u64> = match ack {
+                Ack::Through(tag) => {
+                    for t in 1..=tag {
+                        prop_assert!(
+                            finished.contains(&t) || alone.contains(&t),
+                            "a multiple ack through {} covers {}, which has not finished",
+                            tag,
+                            t
+                        );
+                    }
+                    (1..=tag)
+                        .filter(|t| finished.contains(t) && !acked.contains(t))
+                        .collect()
+                }
+                Ack::One(tag) => {
+                    prop_assert!(finished.contains(&tag), "{} acked unfinished", tag);
+                    prop_assert!(!acked.contains(&tag), "{} acked twice", tag);
+                    vec![tag]
+                }
+            };
+            acked.extend(covered);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// The acker takes the acks after whatever batch of settlements it received, so at
+        /// arbitrary moments: whenever they are taken, they cover only settled deliveries, and
+        /// once everything is settled every finished delivery has been acked.
+        #[test]
+        fn acks_taken_at_any_moment_cover_only_what_finished(
+            order in Just((1..=64u64).collect::<Vec<_>>()).prop_shuffle(),
+            settled_alone in proptest::collection::vec(any::<bool>(), 64),
+            flushes in proptest::collection::vec(any::<bool>(), 64),
+        ) {
+            let mut window = AckWindow::default();
+            let (mut finished, mut alone, mut acked) = Default::default();
+            for (i, &tag) in order.iter().enumerate() {
+                if settled_alone[i] {
+                    window.settled_alone(tag);
+                    BTreeSet::insert(&mut alone, tag);
+                } else {
+                    window.finished(tag);
+                    BTreeSet::insert(&mut finished, tag);
+                }
+                if flushes[i] {
+                    apply(&mut window, &finished, &alone, &mut acked)?;
+                }
+            }
+            apply(&mut window, &finished, &alone, &mut acked)?;
+            prop_assert_eq!(&acked, &finished);
+            prop_assert_eq!(window.waiting(), 0);
+        }
+    }
 
     #[test]
     fn a_blocked_task_costs_one_range_however_many_pass_it() {

@@ -37,6 +37,15 @@ pub(crate) fn started(results: &Results, task: &Registration, id: &str, attempt:
     });
 }
 
+/// The same write, as `Revoked`: the task was revoked before it ran, or terminated while it ran
+/// (`amqp-tasks revoke [--terminate]`).
+pub(crate) fn revoked(mut write: Write) -> Write {
+    if let Write::State { state, .. } = &mut write {
+        *state = TaskState::Revoked;
+    }
+    write
+}
+
 /// What a disposition means for the store, if anything: `ran` is the task that ran (none when the
 /// delivery was refused before running). Taken before the disposition is carried out (which
 /// consumes it), written after.

@@ -1,0 +1,6 @@
+use amqp_tasks::task;
+
+#[task(every = "thirty seconds")]
+pub async fn refresh() {}
+
+fn main() {}
