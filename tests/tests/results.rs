@@ -347,6 +347,46 @@ async fn expiry_removes_records(store: Store) {
     .await;
 }
 
+/// A task revoked before it ran is `Revoked` in the store, and `wait` says `CallError::Revoked`.
+async fn a_revoked_task_is_revoked_in_the_store(store: Store) {
+    const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
+    let env = Env::new("res-revoke", store);
+    bounded(LIMIT, async {
+        let worker = env.worker("add", &[]).await;
+        let producer = env.env.client().await;
+        let id = add::new(1, 1)
+            .countdown(Duration::from_secs(2))
+            .delay(&producer)
+            .await
+            .expect("delay");
+        let (code, stdout, stderr) = env.env.run(SHELL, &["revoke", id.as_str()]).await;
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let reader = env.reader().await;
+        assert_eq!(
+            reader.wait::<add>(&id, PATIENCE).await,
+            Err(CallError::Revoked)
+        );
+        let status = reader.status(&id).await.expect("status").expect("a record");
+        assert_eq!(status.state, TaskState::Revoked);
+        assert_eq!(
+            reader.result::<add>(&id).await.expect("read"),
+            Some(Err(CallError::Revoked))
+        );
+        drop(worker);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_revoked_task_is_revoked_in_the_store() {
+    a_revoked_task_is_revoked_in_the_store(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_revoked_task_is_revoked_in_the_store() {
+    a_revoked_task_is_revoked_in_the_store(Store::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_delay_then_wait_from_a_second_client() {
     delay_then_wait_from_a_second_client(Store::Redis).await;
