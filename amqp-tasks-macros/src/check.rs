@@ -14,6 +14,8 @@ pub struct Task {
     pub timeout_ms: Option<u64>,
     pub retries: u32,
     pub retry_on_panic: bool,
+    /// `store_result = false`: its states and results are not written to a result store.
+    pub store_result: bool,
     pub backoff_ms: Option<u64>,
     pub json: bool,
     /// The `Context` parameter, when the function takes one first.
@@ -272,6 +274,20 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
             false
         }
     };
+    let store_result = match args.store_result {
+        None => true,
+        Some(Setting {
+            value: Lit::Bool(flag),
+            ..
+        }) => flag.value,
+        Some(Setting { span, .. }) => {
+            combine(
+                &mut errors,
+                syn::Error::new(span, "`store_result` takes `true` or `false`"),
+            );
+            true
+        }
+    };
     let json = match args.codec {
         None => false,
         Some(Setting { value, .. }) if value == "bincode" => false,
@@ -305,6 +321,7 @@ pub fn check(args: TaskArgs, item: TaskFn) -> syn::Result<Task> {
         timeout_ms,
         retries,
         retry_on_panic,
+        store_result,
         backoff_ms,
         json,
         context,

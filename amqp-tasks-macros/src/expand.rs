@@ -88,6 +88,7 @@ pub fn expand(task: &Task) -> TokenStream {
     );
     let retries = task.retries;
     let retry_on_panic = task.retry_on_panic;
+    let store_result = task.store_result;
     let codec = if task.json {
         quote!(Json)
     } else {
@@ -169,6 +170,7 @@ pub fn expand(task: &Task) -> TokenStream {
             const TIMEOUT: ::core::time::Duration = #timeout;
             const RETRIES: u32 = #retries;
             const RETRY_ON_PANIC: bool = #retry_on_panic;
+            const STORE_RESULT: bool = #store_result;
             const BACKOFF: ::core::time::Duration = #backoff;
             const CODEC: ::amqp_tasks::Codec = ::amqp_tasks::Codec::#codec;
             const PARAMS: &'static [::amqp_tasks::__private::Param] = &[

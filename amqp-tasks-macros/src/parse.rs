@@ -16,6 +16,7 @@ pub const KEYS: &[&str] = &[
     "every",
     "cron",
     "catch_up",
+    "store_result",
 ];
 
 /// A value given to a key, with the span of the value for error messages.
@@ -40,6 +41,7 @@ pub struct TaskArgs {
     pub cron: Option<Setting<String>>,
     /// `catch_up = "one" | "none"`: what a scheduler does with the ticks it missed.
     pub catch_up: Option<Setting<String>>,
+    pub store_result: Option<Setting<Lit>>,
 }
 
 impl TaskArgs {
@@ -69,6 +71,7 @@ impl TaskArgs {
                 "every" => set(&mut args.every, literal(&meta)?, duplicate),
                 "cron" => set(&mut args.cron, string(&meta)?, duplicate),
                 "catch_up" => set(&mut args.catch_up, string(&meta)?, duplicate),
+                "store_result" => set(&mut args.store_result, literal(&meta)?, duplicate),
                 _ => {
                     // Skip the value so that the keys after it are still read and checked.
                     if meta.input.peek(Token![=]) {
@@ -250,7 +253,7 @@ mod tests {
         assert!(
             error.contains(
                 "name, queue, timeout, retries, backoff, retry_on_panic, codec, every, cron, \
-                 catch_up"
+                 catch_up, store_result"
             ),
             "{error}"
         );

@@ -5,6 +5,7 @@
 use crate::client::Client;
 use crate::client::caller::{Origin, Parent, Slot, sealed};
 use crate::protocol::trace::TraceParent;
+use crate::results::{Results, Write};
 use crate::state::{State, States};
 use crate::task::TaskId;
 use std::fmt;
@@ -31,6 +32,7 @@ struct Inner {
     attempt: u32,
     redelivered: bool,
     parent_id: Option<TaskId>,
+    results: Option<Results>,
 }
 
 /// What the worker knows of a task it is about to run.
@@ -47,6 +49,8 @@ pub(crate) struct ContextParts {
     pub(crate) parent_id: Option<TaskId>,
     pub(crate) trace: TraceParent,
     pub(crate) slot: Option<Arc<Slot>>,
+    /// Where `progress` is written (none for a task with `store_result = false`).
+    pub(crate) results: Option<Results>,
 }
 
 impl Context {
@@ -67,6 +71,7 @@ impl Context {
                 attempt: parts.attempt,
                 redelivered: parts.redelivered,
                 parent_id: parts.parent_id,
+                results: parts.results,
             }),
         }
     }
@@ -87,7 +92,27 @@ impl Context {
             parent_id: None,
             trace: TraceParent::new_root(),
             slot: None,
+            results: None,
         })
+    }
+
+    /// Reports how far the task is (`fraction`, 0.0 to 1.0) with a message, for
+    /// [`Client::status`](crate::Client::status) to show while it runs. Written to the worker's
+    /// result store in the background: it never waits for the store, and a failed write is
+    /// logged, never the task's failure. Nothing happens without a store.
+    pub async fn progress(&self, fraction: f32, message: impl Into<String>) {
+        if let Some(results) = &self.inner.results {
+            results.write(Write::Progress {
+                id: self.inner.parent.task_id.to_string(),
+                fraction: if fraction.is_nan() {
+                    0.0
+                } else {
+                    fraction.clamp(0.0, 1.0)
+                },
+                message: message.into(),
+                at: std::time::SystemTime::now(),
+            });
+        }
     }
 
     /// The task id: the same for every attempt and replay of this task.

@@ -100,7 +100,8 @@
 //! Attribute keys: `name` (default: the function's name), `queue` (default: the name; tasks that
 //! share a queue are served by one consumer), `timeout` (the handler's time limit and the default
 //! deadline of calls; seconds or `"500ms"`, `"30s"`, `"2m"`, `"1h 30m"`; default 60 s),
-//! `retries`, `backoff`, `retry_on_panic`, `codec` (`"bincode"`, the default, or `"json"`); see
+//! `retries`, `backoff`, `retry_on_panic`, `codec` (`"bincode"`, the default, or `"json"`),
+//! `store_result`; see
 //! [`task`] for each. Any other key is a compile error that lists these.
 //!
 //! Arguments and results must be `Serialize + DeserializeOwned + Send + 'static`; a first
@@ -166,6 +167,7 @@ mod handler;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 mod protocol;
+mod results;
 #[cfg(feature = "cli")]
 pub mod shell;
 mod state;
@@ -204,6 +206,7 @@ pub use worker::registry;
 /// | `backoff` | delay before the first retry, doubled each time, each delay ±20 % | 1 s |
 /// | `retry_on_panic` | retry a panic like an error | `false` |
 /// | `codec` | `"bincode"` or `"json"`, for calls through the stub | `"bincode"` |
+/// | `store_result` | whether a worker with a result store (`--results`) keeps its states and results | `true` |
 /// | `every` | a periodic task, ticking at the Unix times divisible by this interval (`"30s"`) | |
 /// | `cron` | a periodic task on a six-field cron expression, `"sec min hour dom month dow"` (UTC, Sunday = 0) | |
 /// | `catch_up` | `"one"`: after a gap, fire the latest missed tick once; `"none"`: fire none | `"one"` |
@@ -240,6 +243,7 @@ pub use context::Context;
 pub use error::{BrokerError, CallError, Error, Never};
 pub use handler::Retryable;
 pub use protocol::signature::Signature;
+pub use results::{DEFAULT_RESULT_TTL, TaskState, TaskStatus};
 pub use state::State;
 pub use task::{Param, Task, TaskId};
 pub use topology::QueueType;

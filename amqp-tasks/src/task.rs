@@ -38,6 +38,9 @@ pub trait Task: Send + Sync + 'static {
     const BACKOFF: Duration;
     /// Whether a panic is retried like an error (`retry_on_panic = true`).
     const RETRY_ON_PANIC: bool;
+    /// Whether a worker with a result store writes this task's states and results
+    /// (`store_result = false` opts out).
+    const STORE_RESULT: bool = true;
     /// The codec of calls made through the stub (`codec = "..."`).
     const CODEC: Codec;
     /// The parameters, for listings and JSON keys.

@@ -465,6 +465,39 @@ pub async fn quick(x: u64) -> u64 {
     x
 }
 
+// --- results ------------------------------------------------------------------------------------
+
+/// Fails its first attempt after `ms`, then succeeds after `ms` with the attempt number.
+#[task(retries = 1, backoff = "1s")]
+pub async fn fails_once(ctx: Context, ms: u64) -> Result<u32, FlakyError> {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    if ctx.attempt() == 1 {
+        Err(FlakyError::NotYet { attempt: 1 })
+    } else {
+        Ok(ctx.attempt())
+    }
+}
+
+/// Reports `count` progress updates, `ms` apart, then returns `count`.
+#[task(timeout = "30s")]
+pub async fn steps(ctx: Context, count: u32, ms: u64) -> u32 {
+    for step in 1..=count {
+        ctx.progress(
+            step as f32 / count as f32,
+            format!("step {step} of {count}"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    count
+}
+
+/// Adds, keeping nothing in a result store.
+#[task(store_result = false)]
+pub async fn add_unstored(a: i64, b: i64) -> i64 {
+    a + b
+}
+
 /// A periodic task: every second, prints its tick id and when it ran (`beat tick <id> at <ms>`)
 /// for `tests/tests/beat.rs`, which reads the workers' output. Only `--beat` workers send ticks.
 #[task(every = "1s")]

@@ -332,7 +332,7 @@ async fn inspect_names_the_one_active_scheduler() {
         let leader = active(&mut workers, &[]).await;
         let (leader, other) = (workers[leader].pid(), workers[1 - leader].pid());
         let (code, stdout, stderr) = env
-            .run(SHELL, &["inspect", "ping", "--timeout", "1s"])
+            .run(SHELL, &["inspect", "ping", "--timeout", "3s"])
             .await;
         assert_eq!(code, 0, "{stderr}");
         let mut roles: Vec<(String, String)> = stdout

@@ -12,6 +12,7 @@ pub(crate) mod caller;
 pub(crate) mod dynamic;
 pub(crate) mod inspect;
 pub(crate) mod local;
+mod stored;
 
 pub use call::TaskCall;
 pub use caller::Caller;
@@ -20,6 +21,7 @@ pub use inspect::QueueStatus;
 
 use crate::error::{BrokerError, CallError, Error};
 use crate::protocol::topology;
+use crate::results::Results;
 use crate::transport::publish::Message;
 use crate::transport::session::Session;
 use crate::transport::url::redact;
@@ -49,6 +51,8 @@ pub struct Client {
 struct ClientInner {
     backend: Backend,
     confirm_timeout: Duration,
+    /// Where task states and results are kept (`ClientBuilder::results`).
+    results: Option<Results>,
 }
 
 /// Where a client's messages go.
@@ -64,6 +68,8 @@ enum Backend {
 pub struct ClientBuilder {
     broker: BrokerConfig,
     confirm_timeout: Duration,
+    results: Option<String>,
+    result_ttl: Duration,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -74,6 +80,7 @@ impl fmt::Debug for ClientBuilder {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("connect_timeout", &self.broker.connect_timeout)
             .field("connection_name", &self.broker.connection_name)
+            .field("results", &self.results.is_some())
             .finish()
     }
 }
@@ -105,12 +112,36 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps task states and results in the store at `url` (`redis://host:port/db` with the
+    /// `results-redis` feature, `postgres://user@host/db` with `results-postgres`): a worker
+    /// writes there, a client reads there ([`Client::status`], [`Client::result`],
+    /// [`Client::wait`]). The records follow the namespace. A URL whose store was not compiled
+    /// in is a connect error naming the feature.
+    pub fn results(mut self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        self.results = (!url.is_empty()).then_some(url);
+        self
+    }
+
+    /// How long the records a worker writes through this client are kept (default
+    /// [`DEFAULT_RESULT_TTL`](crate::DEFAULT_RESULT_TTL), 24 h).
+    pub fn result_ttl(mut self, ttl: Duration) -> Self {
+        self.result_ttl = ttl;
+        self
+    }
+
     /// Connects.
     pub async fn connect(self) -> Result<Client, Error> {
         if let Some(namespace) = &self.broker.namespace {
             topology::check_name(namespace)
                 .map_err(|e| Error::Config(format!("namespace: {e}")))?;
         }
+        let results = match &self.results {
+            Some(url) => Some(
+                Results::connect(url, self.broker.namespace.as_deref(), self.result_ttl).await?,
+            ),
+            None => None,
+        };
         let broker = Broker::new(self.broker).map_err(Error::Config)?;
         broker
             .connect_session()
@@ -123,6 +154,7 @@ impl ClientBuilder {
             inner: Arc::new(ClientInner {
                 backend: Backend::Broker(broker),
                 confirm_timeout: self.confirm_timeout,
+                results,
             }),
         })
     }
@@ -160,6 +192,8 @@ impl Client {
                 max_heartbeat: None,
             },
             confirm_timeout: Duration::from_secs(30),
+            results: None,
+            result_ttl: crate::results::DEFAULT_RESULT_TTL,
         }
     }
 
@@ -179,6 +213,8 @@ impl Client {
                     inner: Arc::new(ClientInner {
                         backend: Backend::Broker(broker),
                         confirm_timeout: self.inner.confirm_timeout,
+                        // The scheduler only sends ticks: it keeps no states.
+                        results: None,
                     }),
                 }),
         )
@@ -190,6 +226,7 @@ impl Client {
             inner: Arc::new(ClientInner {
                 backend: Backend::Local(local),
                 confirm_timeout: Duration::from_secs(30),
+                results: None,
             }),
         }
     }

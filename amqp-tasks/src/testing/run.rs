@@ -166,6 +166,7 @@ pub(crate) async fn step(inner: &Arc<Inner>, queued: Queued) -> Ran {
         parent_id: headers.parent_id.as_deref().map(TaskId::from),
         trace: trace.clone(),
         slot: None,
+        results: None,
     });
     let outcome = (task.run)(ctx, codec, &queued.body).await;
     inner.runs.fetch_add(1, Ordering::Relaxed);

@@ -21,6 +21,17 @@ struct Cli {
     /// Prefix of every queue name (`<namespace>.<queue>`), to keep environments apart.
     #[arg(long, global = true, env = "AMQP_TASKS_NAMESPACE", default_value = "")]
     namespace: String,
+    /// Result store for task states and results (redis://host:port/db, postgres://user@host/db).
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_TASKS_RESULTS",
+        hide_env_values = true
+    )]
+    results: Option<String>,
+    /// How long task states and results are kept in the result store.
+    #[arg(long, env = "AMQP_TASKS_RESULT_TTL", default_value = "24h", value_parser = parse_duration)]
+    result_ttl: Duration,
     /// Tasks running at once in the whole process, across all queues.
     #[arg(long, short = 'c', env = "AMQP_TASKS_CONCURRENCY", default_value_t = super::DEFAULT_CONCURRENCY)]
     concurrency: usize,
@@ -166,6 +177,8 @@ where
         registry::select(&registry::tasks(), filter.as_deref())?;
         let client = Client::builder(cli.url.clone())
             .namespace(cli.namespace.clone())
+            .results(cli.results.clone().unwrap_or_default())
+            .result_ttl(cli.result_ttl)
             .connect()
             .await?;
         let mut builder = Worker::builder(client.clone())
@@ -214,8 +227,10 @@ where
 
 /// The commands that administer rather than serve.
 async fn admin(cli: &Cli, command: &Command) -> Result<(), crate::Error> {
+    // With `--results`, connecting creates the store's table (PostgreSQL) if it does not exist.
     let client = Client::builder(cli.url.clone())
         .namespace(cli.namespace.clone())
+        .results(cli.results.clone().unwrap_or_default())
         .connect()
         .await?;
     let queue_of = |name: &str| -> Result<String, crate::Error> {
@@ -264,6 +279,9 @@ async fn admin(cli: &Cli, command: &Command) -> Result<(), crate::Error> {
                 );
             }
             println!("declared the delay queues of namespace `{}`", cli.namespace);
+            if let Some(results) = client.results() {
+                println!("result store {} ready", results.url());
+            }
             Ok(())
         }
     };

@@ -19,6 +19,7 @@ use super::execute::{self, CatchUnwind, panic_message};
 use super::observe;
 use super::registry::Registration;
 use super::settle::Settle;
+use super::store;
 use super::{InFlightGuard, Lane, QueueState, Shared};
 use crate::client::caller::{Gate, Slot};
 use crate::context::{Context, ContextParts};
@@ -96,35 +97,51 @@ pub(crate) async fn handle(
             .redelivered(observe::task_label(&queue, &delivery));
     }
     let work = async {
-        if let Some(revoked) = revoked(&shared, &queue, &delivery) {
+        if let Some((disposition, ended)) = revoked(&shared, &queue, &delivery) {
             drop(permit);
-            let settle = dispose(&shared, &queue, &delivery, revoked.0).await;
-            return (settle, Some(revoked.1));
+            let results = store::store_for(shared.client.results(), None);
+            let stored = results
+                .and_then(|_| store::outcome(&delivery, &disposition, None))
+                .map(store::revoked);
+            let settle = dispose(&shared, &queue, &delivery, disposition).await;
+            store_if_settled(results, stored, &settle);
+            return (settle, Some(ended));
         }
-        let (disposition, ended) = match admit(&shared, &queue, &delivery).await {
+        let (disposition, ended, ran) = match admit(&shared, &queue, &delivery).await {
             Admission::Run(admitted) => {
+                let ran = (admitted.task, admitted.headers.attempt);
                 let task = admitted.task.name();
                 let started = std::time::Instant::now();
                 let (disposition, outcome, detail) =
                     run(&shared, &queue, &delivery, admitted, permit).await;
                 // A message refused by the handler's own stage (undecodable arguments) did not
                 // run: no run time.
-                let ran = Ended {
+                let ended = Ended {
                     task,
                     outcome,
                     ran_for: (outcome != Outcome::Rejected).then(|| started.elapsed()),
                     detail,
                 };
-                (disposition, Some(ran))
+                (disposition, Some(ended), Some(ran))
             }
             Admission::Dispose(disposition) => {
                 // Nothing runs: the slot is free before the disposition is carried out.
                 drop(permit);
                 let refused = refused(&shared, &queue, &delivery, &disposition);
-                (disposition, refused)
+                (disposition, refused, None)
             }
         };
+        let results = store::store_for(shared.client.results(), ran.map(|(task, _)| task));
+        let mut stored = results.and_then(|_| store::outcome(&delivery, &disposition, ran));
+        if ended
+            .as_ref()
+            .is_some_and(|ended| ended.outcome == Outcome::Revoked)
+        {
+            // `revoke --terminate` cancelled it while it ran.
+            stored = stored.map(store::revoked);
+        }
         let settle = dispose(&shared, &queue, &delivery, disposition).await;
+        store_if_settled(results, stored, &settle);
         (settle, ended)
     };
     // Anything of the pipeline that panics (a bug, not the user's code, which execute guards)
@@ -152,6 +169,20 @@ pub(crate) async fn handle(
             tracing::warn!(queue = %queue.name, tag = delivery.delivery_tag, "abandoned at the end of the grace period; given back");
             give_back(&shared, &queue, &[&delivery]).await;
         }
+    }
+}
+
+/// Writes a message's state to the result store once its settlement is carried out: a delivery
+/// given back runs again, and says so then.
+fn store_if_settled(
+    results: Option<&crate::results::Results>,
+    stored: Option<crate::results::Write>,
+    settle: &Settle,
+) {
+    if let (Some(results), Some(write)) = (results, stored)
+        && matches!(settle, Settle::Ack(_) | Settle::AckedAlone(_))
+    {
+        results.write(write);
     }
 }
 
@@ -276,7 +307,12 @@ async fn run<'a>(
     } else {
         id.to_owned()
     });
+    let results = store::store_for(shared.client.results(), Some(task));
+    if let Some(results) = results {
+        store::started(results, task, id, headers.attempt);
+    }
     let ctx = Context::new(ContextParts {
+        results: results.cloned(),
         client: shared.client.clone(),
         states: shared.states.clone(),
         task_id,

@@ -45,6 +45,7 @@ pub(crate) mod presence;
 pub mod registry;
 pub(crate) mod revoke;
 pub(crate) mod settle;
+mod store;
 
 #[cfg(feature = "cli")]
 pub use cli::{SetupResult, main, main_with};

@@ -30,6 +30,7 @@ pub struct Registration {
     timeout: Duration,
     retries: u32,
     backoff: Duration,
+    store_result: bool,
     signature: fn() -> &'static Signature,
     states: &'static [StateNeed],
     schedule: Option<Schedule>,
@@ -72,6 +73,7 @@ impl Registration {
             timeout: T::TIMEOUT,
             retries: T::RETRIES,
             backoff: T::BACKOFF,
+            store_result: T::STORE_RESULT,
             signature: T::signature,
             states,
             schedule: None,
@@ -94,6 +96,16 @@ impl Registration {
                 ours.fingerprint()
             )
         })
+    }
+
+    /// Whether a result store keeps its states and results (`store_result`).
+    pub fn store_result(&self) -> bool {
+        self.store_result
+    }
+
+    /// The signature fingerprint its stubs send.
+    pub(crate) fn fingerprint(&self) -> &'static str {
+        (self.signature)().fingerprint()
     }
 
     /// The task name.
