@@ -302,7 +302,7 @@ async fn inspect(
     timeout: Duration,
 ) -> u8 {
     use crate::protocol::control::Request;
-    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
     use lapin::types::FieldTable;
     let exchange = crate::protocol::topology::control_exchange(client.namespace());
     let asked = async {
@@ -315,19 +315,10 @@ async fn inspect(
         crate::transport::topology::declare_control(&channel, &exchange)
             .await
             .map_err(|e| format!("declaring `{exchange}`: {e}"))?;
-        let queue = format!(
-            "{exchange}.answers.{}",
-            crate::protocol::trace::random_uuid().simple()
-        );
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+        let answers = format!("{exchange}.answers");
+        let queue = crate::transport::topology::declare_private_queue(&channel, &answers)
             .await
-            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+            .map_err(|e| format!("declaring `{answers}.*`: {e}"))?;
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -385,7 +376,7 @@ async fn inspect(
 
 /// Prints events until interrupted (0) or the connection drops (4).
 async fn events(client: &Client, task: Option<&str>) -> u8 {
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions};
     use lapin::types::FieldTable;
     let exchange = crate::protocol::topology::events_exchange(client.namespace());
     let listening = async {
@@ -398,19 +389,10 @@ async fn events(client: &Client, task: Option<&str>) -> u8 {
         crate::transport::topology::declare_events(&channel, &exchange)
             .await
             .map_err(|e| format!("declaring `{exchange}`: {e}"))?;
-        let queue = format!(
-            "{exchange}.listener.{}",
-            crate::protocol::trace::random_uuid().simple()
-        );
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+        let listener = format!("{exchange}.listener");
+        let queue = crate::transport::topology::declare_private_queue(&channel, &listener)
             .await
-            .map_err(|e| format!("declaring `{queue}`: {e}"))?;
+            .map_err(|e| format!("declaring `{listener}.*`: {e}"))?;
         let keys = match task {
             // A task name may contain dots: `*` is the event, the rest the name.
             Some(task) => vec![format!("task.*.{task}")],

@@ -120,6 +120,28 @@ pub(crate) async fn declare_events(channel: &Channel, exchange: &str) -> Result<
         .await
 }
 
+/// Declares a queue of this connection's own, `<prefix>.<random uuid>` (exclusive, auto-delete:
+/// it goes with the connection), and returns its name: where `inspect` collects answers, a worker
+/// hears control requests, and `amqp-tasks events` listens.
+pub(crate) async fn declare_private_queue(
+    channel: &Channel,
+    prefix: &str,
+) -> Result<String, lapin::Error> {
+    let queue = format!(
+        "{prefix}.{}",
+        crate::protocol::trace::random_uuid().simple()
+    );
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), options, FieldTable::default())
+        .await?;
+    Ok(queue)
+}
+
 /// Declares the control exchange (a durable fanout exchange; idempotent: workers and
 /// `amqp-tasks inspect` declare it alike).
 pub(crate) async fn declare_control(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {

@@ -12,9 +12,7 @@ use crate::protocol::control::{Inspect, Request};
 use crate::protocol::outcome::Outcome;
 use crate::protocol::topology::control_exchange;
 use crate::transport::next;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::json;
@@ -266,17 +264,7 @@ async fn open(client: &Client, exchange: &str) -> Option<(Channel, Consumer)> {
         crate::transport::topology::declare_control(&channel, exchange)
             .await
             .ok()?;
-        let queue = format!(
-            "{exchange}.{}",
-            crate::protocol::trace::random_uuid().simple()
-        );
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+        let queue = crate::transport::topology::declare_private_queue(&channel, exchange)
             .await
             .ok()?;
         channel
