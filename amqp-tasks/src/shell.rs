@@ -302,8 +302,7 @@ async fn inspect(
     timeout: Duration,
 ) -> u8 {
     use crate::protocol::control::Request;
-    use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-    use lapin::types::FieldTable;
+    use lapin::options::BasicPublishOptions;
     let exchange = crate::protocol::topology::control_exchange(client.namespace());
     let asked = async {
         let session = client.session().await.map_err(|e| e.to_string())?;
@@ -319,16 +318,7 @@ async fn inspect(
         let queue = crate::transport::topology::declare_private_queue(&channel, &answers)
             .await
             .map_err(|e| format!("declaring `{answers}.*`: {e}"))?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = crate::transport::consume_no_ack(&channel, &queue)
             .await
             .map_err(|e| format!("consuming `{queue}`: {e}"))?;
         let body = serde_json::to_vec(&Request { inspect: what }).map_err(|e| e.to_string())?;
@@ -376,7 +366,7 @@ async fn inspect(
 
 /// Prints events until interrupted (0) or the connection drops (4).
 async fn events(client: &Client, task: Option<&str>) -> u8 {
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+    use lapin::options::QueueBindOptions;
     use lapin::types::FieldTable;
     let exchange = crate::protocol::topology::events_exchange(client.namespace());
     let listening = async {
@@ -410,16 +400,7 @@ async fn events(client: &Client, task: Option<&str>) -> u8 {
                 .await
                 .map_err(|e| format!("binding `{queue}`: {e}"))?;
         }
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = crate::transport::consume_no_ack(&channel, &queue)
             .await
             .map_err(|e| format!("consuming `{queue}`: {e}"))?;
         Ok::<_, String>((channel, consumer))

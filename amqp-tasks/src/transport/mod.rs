@@ -206,3 +206,22 @@ impl Drop for Broker {
 pub(crate) async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
     std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
 }
+
+/// Consumes `queue` without acks (`no_ack`): for the queues whose messages are worth nothing once
+/// read (inspect answers, control requests, events), never for tasks.
+pub(crate) async fn consume_no_ack(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..lapin::options::BasicConsumeOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+}

@@ -12,7 +12,7 @@ use crate::protocol::control::{Inspect, Request};
 use crate::protocol::outcome::Outcome;
 use crate::protocol::topology::control_exchange;
 use crate::transport::next;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions};
+use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::json;
@@ -277,16 +277,7 @@ async fn open(client: &Client, exchange: &str) -> Option<(Channel, Consumer)> {
             )
             .await
             .ok()?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = crate::transport::consume_no_ack(&channel, &queue)
             .await
             .ok()?;
         Some((channel, consumer))
