@@ -422,6 +422,17 @@ async fn leftovers_of_a_dead_test_process_are_swept() {
             .env(MARKER, &dir)
             .spawn()
             .expect("spawn sleep");
+        // `spawn` returns once the child is in `execve`, but its environment shows in /proc only
+        // when the kernel has finished loading `sleep`: a sweep that looked before then would see
+        // no marked process (this test failed once that way on a loaded machine).
+        let wanted = format!("{MARKER}={}", dir.display());
+        let environ = format!("/proc/{}/environ", orphan.id());
+        wait_for("the orphan's environment", Duration::from_secs(10), || {
+            let marked = std::fs::read(&environ)
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == wanted.as_bytes()));
+            async move { marked.then_some(()) }
+        })
+        .await;
         std::fs::rename(&making, &dir).expect("put the fake node folder in place");
 
         sweep_leftovers().await;

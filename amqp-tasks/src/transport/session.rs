@@ -237,8 +237,6 @@ impl Session {
     }
 }
 
-/// Connects over TLS with this crate's rustls configuration (lapin's own TLS settings cannot say
-/// `verify_none` or another server name).
 /// A channel with publisher confirms on.
 async fn open_publisher(connection: &Connection) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
@@ -248,6 +246,8 @@ async fn open_publisher(connection: &Connection) -> Result<Channel, lapin::Error
     Ok(channel)
 }
 
+/// Connects over TLS with this crate's rustls configuration (lapin's own TLS settings cannot say
+/// `verify_none` or another server name).
 async fn connect_tls(
     endpoint: &Endpoint,
     tls: &Tls,
