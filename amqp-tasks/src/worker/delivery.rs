@@ -256,6 +256,24 @@ fn revoked<'a>(
     ))
 }
 
+/// The `task` span of one run (the worker binary's log formats its fields cheaply: see
+/// `log_fields`).
+fn task_span(
+    name: &str,
+    id: &str,
+    headers: &TaskHeaders<'_>,
+    trace_id: Option<&str>,
+) -> tracing::Span {
+    tracing::info_span!(
+        "task",
+        name,
+        id,
+        attempt = headers.attempt,
+        trace_id,
+        parent_id = headers.parent_id.as_deref(),
+    )
+}
+
 /// Executes an admitted delivery with its context, then decides what its outcome means. A task of
 /// the redelivered lane runs alone: it waits for every other task of the worker to finish, and
 /// none starts until it has.
@@ -277,26 +295,32 @@ async fn run<'a>(
     let guard = gate.enter().await;
     let incoming = headers.traceparent.as_deref().and_then(TraceParent::parse);
     // One span per run, across hops: the trace id and the parent task tie it to its caller's.
-    // (Without a caller's trace, its trace id is recorded once known.)
-    let span = tracing::info_span!(
-        "task",
-        name = task.name(),
-        id,
-        attempt = headers.attempt,
-        trace_id = incoming.as_ref().map(TraceParent::trace_id),
-        parent_id = headers.parent_id.as_deref(),
-    );
-    // With OpenTelemetry, the span joins the caller's trace, and its context is what the task's
-    // own calls continue.
-    #[cfg(feature = "opentelemetry")]
-    let joined = crate::otel::join(&span, incoming.as_ref());
+    // Without OpenTelemetry a task without a caller's trace starts its own here, so that the span
+    // is made with every field at once (a field recorded later is formatted again by `fmt`).
     #[cfg(not(feature = "opentelemetry"))]
-    let joined = None;
-    let started_trace = incoming.is_none();
-    let trace = joined.or(incoming).unwrap_or_else(TraceParent::new_root);
-    if started_trace {
-        span.record("trace_id", trace.trace_id());
-    }
+    let (span, trace) = {
+        let trace = incoming.unwrap_or_else(TraceParent::new_root);
+        let span = task_span(task.name(), id, &headers, Some(trace.trace_id()));
+        (span, trace)
+    };
+    // With OpenTelemetry, the span joins the caller's trace, and its context is what the task's
+    // own calls continue; without a caller's trace, its trace id is known once the span is.
+    #[cfg(feature = "opentelemetry")]
+    let (span, trace) = {
+        let span = task_span(
+            task.name(),
+            id,
+            &headers,
+            incoming.as_ref().map(TraceParent::trace_id),
+        );
+        let started_trace = incoming.is_none();
+        let joined = crate::otel::join(&span, incoming.as_ref());
+        let trace = joined.or(incoming).unwrap_or_else(TraceParent::new_root);
+        if started_trace {
+            span.record("trace_id", trace.trace_id());
+        }
+        (span, trace)
+    };
     let slot = Arc::new(Slot::new(
         shared.semaphore.clone(),
         permit,
@@ -328,7 +352,7 @@ async fn run<'a>(
         trace: trace.clone(),
         slot: Some(slot.clone()),
     });
-    span.in_scope(|| tracing::debug!("task started"));
+    tracing::debug!(parent: &span, "task started");
     shared.observer.started(task.name(), id, headers.attempt);
     let running = shared.observer.running(task.name(), id);
     let handler = (task.run)(ctx, codec, &delivery.data).instrument(span.clone());

@@ -38,6 +38,8 @@ pub(crate) mod dispose;
 pub mod dlq;
 pub(crate) mod events;
 pub(crate) mod execute;
+#[cfg(feature = "cli")]
+mod log_fields;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 pub(crate) mod observe;
