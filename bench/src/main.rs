@@ -7,7 +7,7 @@
 //! crate and aio-pika, which it installs or builds on first use. See BENCHMARKS.md.
 
 use amqp_tasks_bench::peers::{self, PeerKind};
-use amqp_tasks_bench::raw::{self, Dispatch, Wire};
+use amqp_tasks_bench::raw::{self, Confirm, Dispatch, Wire};
 use amqp_tasks_bench::scenarios::{self, Only, Options, Scenario};
 use amqp_tasks_bench::{ROLE_ENV, chart};
 use clap::Parser;
@@ -48,6 +48,10 @@ struct Cli {
     /// properties and headers too (framework), to tell the wire format's cost from the code's.
     #[arg(long, value_enum, default_value_t = Wire::Minimal)]
     raw_wire: Wire,
+    /// When the confirmed raw RPC client looks at a request's confirm: before awaiting the reply
+    /// (await), or racing the reply against it as amqp-tasks does (race).
+    #[arg(long, value_enum, default_value_t = Confirm::Await)]
+    raw_confirm: Confirm,
     /// Run one side only (for profiling it).
     #[arg(long, value_enum)]
     only: Option<Only>,
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         prefetch: cli.prefetch.max(1),
         dispatch: cli.raw_dispatch,
         wire: cli.raw_wire,
+        confirm: cli.raw_confirm,
         only: cli.only,
         peers: cli.peers.clone(),
     };

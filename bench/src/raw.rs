@@ -59,15 +59,36 @@ impl Dispatch {
     }
 }
 
+/// When the raw client's `call` looks at its request's publisher confirm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Confirm {
+    /// Awaits the confirm, then the reply (the obvious raw lapin code).
+    Await,
+    /// Races the reply against the confirm, as amqp-tasks does: the reply ends the call at once,
+    /// and a confirm still unresolved then is awaited in a task of its own (lapin keeps a dropped
+    /// unresolved confirm until its channel ends).
+    Race,
+}
+
+impl Confirm {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confirm::Await => "await",
+            Confirm::Race => "race",
+        }
+    }
+}
+
 /// What the raw side puts in a message besides the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Wire {
     /// What a raw lapin program needs: `delivery_mode`, `content_type`, `message_id` (plus
     /// `reply_to`, `correlation_id` and `expiration` on requests).
     Minimal,
-    /// Also amqp-tasks' properties and headers, same keys, types and sizes (`type`, task name,
-    /// wire version, signature, attempt, root id, traceparent, deadline on requests; `type` and
-    /// `message_id` on replies): separates the cost of the wire format from the cost of the code.
+    /// Also amqp-tasks' properties and headers for a root task, same keys, types and sizes
+    /// (`type`, and headers `task`, `signature`, plus `deadline` on requests; `type` on replies):
+    /// separates the cost of the wire format from the cost of the code.
     Framework,
 }
 
@@ -205,13 +226,21 @@ pub struct RawClient {
     next_correlation: AtomicU64,
     wire: Wire,
     confirms: bool,
+    confirm: Confirm,
 }
 
 impl RawClient {
     /// Connects, opens the publisher channel in confirm mode and the reply queue and its
     /// consumer: the same guarantees as amqp-tasks.
-    pub async fn connect(url: &str, namespace: &str, wire: Wire) -> Res<RawClient> {
-        RawClient::open(url, namespace, wire, true).await
+    pub async fn connect(
+        url: &str,
+        namespace: &str,
+        wire: Wire,
+        confirm: Confirm,
+    ) -> Res<RawClient> {
+        let mut client = RawClient::open(url, namespace, wire, true).await?;
+        client.confirm = confirm;
+        Ok(client)
     }
 
     /// The plain RPC client: like [`RawClient::connect`], but the publisher channel is not in
@@ -276,6 +305,7 @@ impl RawClient {
             next_correlation: AtomicU64::new(1),
             wire,
             confirms,
+            confirm: Confirm::Await,
         })
     }
 
@@ -355,10 +385,30 @@ impl RawClient {
                     properties,
                 )
                 .await?;
-            if self.confirms {
-                check(confirm.await?)?;
-            }
-            let reply = receiver.await?;
+            let reply = match (self.confirms, self.confirm) {
+                (false, _) => receiver.await?,
+                (true, Confirm::Await) => {
+                    check(confirm.await?)?;
+                    receiver.await?
+                }
+                (true, Confirm::Race) => {
+                    let mut confirm = confirm;
+                    let mut receiver = receiver;
+                    tokio::select! {
+                        biased;
+                        reply = &mut receiver => {
+                            tokio::spawn(async move {
+                                let _ = confirm.await;
+                            });
+                            reply?
+                        }
+                        confirmed = &mut confirm => {
+                            check(confirmed?)?;
+                            receiver.await?
+                        }
+                    }
+                }
+            };
             let (length, _): (u64, usize) =
                 bincode::serde::decode_from_slice(&reply, bincode::config::standard())?;
             Ok::<u64, crate::Error>(length)

@@ -5,7 +5,7 @@
 use crate::chart::{Bar, Panel};
 use crate::cpu::{self, PerTask};
 use crate::procs::{self, Side, WorkerConfig, WorkerGroup};
-use crate::raw::{self, Dispatch, RawClient, Wire};
+use crate::raw::{self, Confirm, Dispatch, RawClient, Wire};
 use crate::stats::{Better, Report, Stat, percentile_us};
 use crate::tasks::{echo, sink};
 use crate::{Error, Res};
@@ -83,6 +83,8 @@ pub struct Options {
     pub dispatch: Dispatch,
     /// What the raw side puts in messages.
     pub wire: Wire,
+    /// When the confirmed raw RPC client looks at a request's confirm.
+    pub confirm: Confirm,
     /// Run one side only (for profiling); no ratios then.
     pub only: Option<Only>,
     /// The peers of the `peers` scenario, in the order they run.
@@ -434,8 +436,13 @@ impl Bench {
             group
                 .wait_ready(&self.config.url, &ready_queue(self, Side::Raw), limit)
                 .await?;
-            let client =
-                RawClient::connect(&self.config.url, self.namespace(), self.options.wire).await?;
+            let client = RawClient::connect(
+                &self.config.url,
+                self.namespace(),
+                self.options.wire,
+                self.options.confirm,
+            )
+            .await?;
             sides.raw = Some((group, Arc::new(client)));
             if extras.batched {
                 let group = WorkerGroup::start(Side::RawBatched, count, &self.config)?;
@@ -824,10 +831,16 @@ impl Bench {
             println!("{line}");
         }
         let [framework, one_task, baseline, plain] = &figures;
-        let same = "; requests transient with expiration, published with confirms (amqp-tasks races the reply against its confirm, the raw side awaits the confirm first); one exclusive client-named reply queue per client (no_ack)";
+        let same = format!(
+            "; requests transient with expiration, published with confirms (amqp-tasks races the reply against its confirm, the raw side {}); one exclusive client-named reply queue per client (no_ack)",
+            match self.options.confirm {
+                Confirm::Await => "awaits the confirm first",
+                Confirm::Race => "races them too (--raw-confirm race)",
+            }
+        );
         let mut reports = Vec::new();
         let mut bars = Vec::new();
-        let (report, bar) = self.call_report(name, in_flight, n, framework, baseline, same);
+        let (report, bar) = self.call_report(name, in_flight, n, framework, baseline, &same);
         let report = if in_flight == 1 {
             self.judge(report, |r| {
                 Some(("framework p50 ≤ 1.15× raw".to_owned(), r.ratio() <= 1.15))
