@@ -502,11 +502,11 @@ async fn a_batch_of_delays_is_confirmed_message_by_message() {
     .await;
 }
 
-/// The worker acks runs of finished deliveries with one `multiple` ack, but never holds one back
-/// for company that does not come: a lone task, and the tail of a burst, are acked all the same,
-/// and nothing is left unacknowledged on the broker.
+/// The worker coalesces acks (a `multiple` ack per run of finished deliveries), but never holds
+/// one back for company that does not come: a lone task, and the tail of a burst smaller than
+/// the batch, are acked all the same, and nothing is left unacknowledged on the broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_acks_leave_no_delivery_unacked() {
+async fn coalesced_acks_leave_no_delivery_unacked() {
     let env = TestEnv::new("ack-tail");
     bounded(LIMIT, async {
         let _worker = env.worker(WORKER, &[]).ready().await;
@@ -515,7 +515,7 @@ async fn batched_acks_leave_no_delivery_unacked() {
         assert_eq!(add::new(1, 2).call(&client).await, Ok(3));
         env.settled("add").await;
 
-        // 40 at once: acked in runs, whatever their length.
+        // 40 at once: more than one batch (half the prefetch of 64), and a tail that is not.
         let sums = concurrently(&client, 40, |client, i| async move {
             add::new(i as i64, 1).call(&client).await
         })

@@ -121,7 +121,7 @@ pub(crate) async fn open_consumers(
                 )
                 .await
                 .map_err(broker(format!("consuming `{name}`")))?;
-            let (acks, acker) = settle::spawn(channel.clone());
+            let (acks, acker) = settle::spawn(channel.clone(), prefetch);
             consumers.push(QueueConsumer {
                 state: Arc::new(QueueState {
                     name,

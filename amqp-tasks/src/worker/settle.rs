@@ -3,14 +3,22 @@
 //! `multiple` ack, and a finished delivery stuck behind a slow one on its own (so that a slow task
 //! does not hold the prefetch window shut).
 //!
+//! Acks are coalesced over a short window ([`ACK_WINDOW`]), or until half the prefetch is finished
+//! and waiting ([`flush_threshold`]), so that a busy channel sends one `multiple` ack for a run of
+//! deliveries instead of one per handful. An ack is still sent only for a delivery whose handler
+//! finished and whose reply or dead letter was published: the window only delays it. Requeues are
+//! not delayed.
+//!
 //! A multiple ack covers exactly the tags this channel delivered and saw finished: an acker never
 //! outlives its channel, so no tag of an older channel can ack a newer channel's deliveries.
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Settle {
@@ -35,14 +43,47 @@ impl AckSender {
     }
 }
 
-/// Starts the acker of `channel`; it ends once every [`AckSender`] is dropped and everything sent
-/// is acked.
-pub(crate) fn spawn(channel: Channel) -> (AckSender, JoinHandle<()>) {
+/// How long a finished delivery may wait for others to share its ack. Short against any task, long
+/// enough for a busy channel to finish a run of deliveries meanwhile.
+pub(crate) const ACK_WINDOW: Duration = Duration::from_millis(2);
+
+/// How many finished deliveries waiting for their ack send the acks at once: half the prefetch,
+/// so that the broker keeps delivering while they wait (with a prefetch of 1, every ack at once).
+pub(crate) fn flush_threshold(prefetch: u16) -> usize {
+    usize::from(prefetch / 2).max(1)
+}
+
+/// Starts the acker of `channel` (consumed with `prefetch`); it ends once every [`AckSender`] is
+/// dropped and everything sent is acked.
+pub(crate) fn spawn(channel: Channel, prefetch: u16) -> (AckSender, JoinHandle<()>) {
     let (sender, mut receiver) = mpsc::unbounded_channel();
+    let threshold = flush_threshold(prefetch);
     let task = tokio::spawn(async move {
         let mut window = AckWindow::default();
         let mut batch = Vec::new();
-        while receiver.recv_many(&mut batch, 1024).await > 0 {
+        let flush = tokio::time::sleep(ACK_WINDOW);
+        tokio::pin!(flush);
+        // Whether `flush` is armed: some finished deliveries wait for their ack.
+        let mut armed = false;
+        loop {
+            let received = if armed {
+                tokio::select! {
+                    biased;
+                    received = receiver.recv_many(&mut batch, 1024) => received,
+                    () = &mut flush => {
+                        armed = false;
+                        send_acks(&channel, &mut window).await;
+                        continue;
+                    }
+                }
+            } else {
+                receiver.recv_many(&mut batch, 1024).await
+            };
+            if received == 0 {
+                // Every sender is gone (the consumer stopped): ack what finished, now.
+                send_acks(&channel, &mut window).await;
+                return;
+            }
             for settle in batch.drain(..) {
                 match settle {
                     Settle::Ack(tag) => window.finished(tag),
@@ -61,18 +102,30 @@ pub(crate) fn spawn(channel: Channel) -> (AckSender, JoinHandle<()>) {
                     }
                 }
             }
-            for ack in window.take_acks() {
-                let (tag, multiple) = match ack {
-                    Ack::Through(tag) => (tag, true),
-                    Ack::One(tag) => (tag, false),
-                };
-                if let Err(error) = channel.basic_ack(tag, BasicAckOptions { multiple }).await {
-                    tracing::debug!(%error, tag, "ack failed; the broker redelivers with the channel");
-                }
+            let waiting = window.waiting();
+            if waiting >= threshold {
+                armed = false;
+                send_acks(&channel, &mut window).await;
+            } else if waiting > 0 && !armed {
+                armed = true;
+                flush.as_mut().reset(Instant::now() + ACK_WINDOW);
             }
         }
     });
     (AckSender(sender), task)
+}
+
+/// Sends the acks the window has ready.
+async fn send_acks(channel: &Channel, window: &mut AckWindow) {
+    for ack in window.take_acks() {
+        let (tag, multiple) = match ack {
+            Ack::Through(tag) => (tag, true),
+            Ack::One(tag) => (tag, false),
+        };
+        if let Err(error) = channel.basic_ack(tag, BasicAckOptions { multiple }).await {
+            tracing::debug!(%error, tag, "ack failed; the broker redelivers with the channel");
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,8 +166,7 @@ impl AckWindow {
     }
 
     /// Finished deliveries not acked yet.
-    #[cfg(test)]
-    fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.finished.len()
     }
 
@@ -229,9 +281,9 @@ mod tests {
     }
 
     proptest! {
-        /// The acker takes the acks after whatever batch of settlements it received, so at
-        /// arbitrary moments: whenever they are taken, they cover only settled deliveries, and
-        /// once everything is settled every finished delivery has been acked.
+        /// Coalescing takes the acks at arbitrary moments (a full window, the timer, the end):
+        /// whenever they are taken, they cover only settled deliveries, and once everything is
+        /// settled every finished delivery has been acked.
         #[test]
         fn acks_taken_at_any_moment_cover_only_what_finished(
             order in Just((1..=64u64).collect::<Vec<_>>()).prop_shuffle(),
@@ -256,6 +308,14 @@ mod tests {
             prop_assert_eq!(&acked, &finished);
             prop_assert_eq!(window.waiting(), 0);
         }
+    }
+
+    #[test]
+    fn the_flush_threshold_is_half_the_prefetch_and_at_least_one() {
+        assert_eq!(flush_threshold(64), 32);
+        assert_eq!(flush_threshold(3), 1);
+        assert_eq!(flush_threshold(1), 1);
+        assert_eq!(flush_threshold(0), 1);
     }
 
     #[test]
