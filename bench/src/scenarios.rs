@@ -640,7 +640,7 @@ impl Bench {
             "",
         );
         let main = self.judge(main, |r| {
-            (name == "delay").then(|| ("framework ≥ 0.9× raw".to_owned(), r.ratio() >= 0.9))
+            (name == "delay").then(|| ("framework ≥ 1.0× raw".to_owned(), r.ratio() >= 1.0))
         });
         let mut bars = vec![Bar {
             panel: Panel::Throughput,
