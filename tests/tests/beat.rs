@@ -355,3 +355,42 @@ async fn inspect_names_the_one_active_scheduler() {
     })
     .await;
 }
+
+/// A `--beat` worker is a scheduler candidate from its first answer to `inspect` on: it answers
+/// before its consumers are open, and its scheduler starts only then, but it never says `none`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_beat_worker_is_a_candidate_from_its_first_inspect_answer() {
+    const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
+    let env = TestEnv::new("beat-first-answer");
+    env.track("amqp-tasks.beat");
+    bounded(LIMIT, async {
+        let worker = candidate(&env);
+        let pid = format!(":{}", worker.pid());
+        let deadline = Instant::now() + PATIENCE;
+        // Asked again and again from the moment it starts; the inspect timeout paces the loop.
+        let first = loop {
+            let (_, stdout, _) = env
+                .run(SHELL, &["inspect", "ping", "--timeout", "150ms"])
+                .await;
+            let mine = stdout.lines().find_map(|line| {
+                let answer: serde_json::Value = serde_json::from_str(line).ok()?;
+                answer["worker"]
+                    .as_str()?
+                    .ends_with(&pid)
+                    .then(|| answer["scheduler"].as_str().unwrap_or_default().to_owned())
+            });
+            if let Some(role) = mine {
+                break role;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not answer inspect ping within {PATIENCE:?}"
+            );
+        };
+        assert!(
+            first == "candidate" || first == "active",
+            "a --beat worker answered its first inspect ping with scheduler `{first}`"
+        );
+    })
+    .await;
+}

@@ -206,6 +206,11 @@ impl Worker {
             tasks.iter().map(|t| t.name()).collect(),
             settings.concurrency,
         ));
+        // A `--beat` worker is a candidate from its first answer on: its scheduler starts once
+        // its consumers are open, but `inspect` answers before that.
+        if beat.is_some() {
+            control.set_scheduler(control::SchedulerRole::Candidate);
+        }
         let _control_listener = AbortOnDrop(tokio::spawn(control::listen(
             client.clone(),
             control.clone(),
