@@ -159,26 +159,33 @@ async fn a_broker_restart_loses_no_confirmed_task_and_hangs_no_call() {
         });
         worker.wait_for("task started").await;
 
-        // A stream of .delay()s, 20 at a time, and a stream of .call()s, each outcome timed.
+        // A stream of .delay()s, about 20 in flight at any moment, and a stream of .call()s, each
+        // outcome timed. Twenty senders each send their next delay as soon as their last one
+        // returned: batches of twenty left a gap between batches, in which the outage could begin
+        // with no delay in flight (it did once, on a loaded machine).
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let delays = tokio::spawn({
             let (client, path, stopped) = (client.clone(), path.clone(), stopped.clone());
             async move {
-                let mut outcomes = Vec::new();
-                let mut n = 0u64;
-                while !*stopped.borrow() {
-                    let sends = (n..n + 20).map(|n| {
-                        let (client, path) = (client.clone(), path.clone());
-                        async move {
+                let senders = (0..20u64).map(|sender| {
+                    let (client, path, stopped) = (client.clone(), path.clone(), stopped.clone());
+                    async move {
+                        let mut outcomes = Vec::new();
+                        let mut n = sender;
+                        while !*stopped.borrow() {
                             let started = at(origin);
-                            let result = record::new(path, n).delay(&client).await;
-                            (n, started, at(origin), result)
+                            let result = record::new(path.clone(), n).delay(&client).await;
+                            outcomes.push((n, started, at(origin), result));
+                            n += 20;
                         }
-                    });
-                    outcomes.extend(futures_join(sends).await);
-                    n += 20;
-                }
-                outcomes
+                        outcomes
+                    }
+                });
+                futures_join(senders)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
             }
         });
         let calls = tokio::spawn({
