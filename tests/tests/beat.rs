@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
+const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
 const LIMIT: Duration = Duration::from_secs(150);
 const ACTIVE: &str = "this worker is the active scheduler";
 /// How late a tick may run and still count as on time (the scheduler's `ON_TIME`, plus the
@@ -74,6 +75,21 @@ async fn active(workers: &mut [WorkerProcess], not: &[u32]) -> usize {
             .position(|w| !not.contains(&w.pid()) && !w.has_exited() && w.output().contains(ACTIVE))
     })
     .await
+}
+
+/// Each answer of `inspect ping` (one JSON object a line): the worker and its scheduler role.
+fn scheduler_roles(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .map(|line| {
+            let answer: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            (
+                answer["worker"].as_str().unwrap_or_default().to_owned(),
+                answer["scheduler"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// How many times each second ran, from the first tick to the last.
@@ -321,7 +337,6 @@ async fn a_rolling_restart_neither_repeats_nor_skips_a_tick() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_names_the_one_active_scheduler() {
-    const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
     let env = TestEnv::new("beat-inspect");
     env.track("amqp-tasks.beat");
     bounded(LIMIT, async {
@@ -335,17 +350,7 @@ async fn inspect_names_the_one_active_scheduler() {
             .run(SHELL, &["inspect", "ping", "--timeout", "3s"])
             .await;
         assert_eq!(code, 0, "{stderr}");
-        let mut roles: Vec<(String, String)> = stdout
-            .lines()
-            .map(|line| {
-                let answer: serde_json::Value =
-                    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-                (
-                    answer["worker"].as_str().unwrap_or_default().to_owned(),
-                    answer["scheduler"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect();
+        let mut roles = scheduler_roles(&stdout);
         roles.sort_by(|a, b| a.1.cmp(&b.1));
         assert_eq!(roles.len(), 2, "{stdout}");
         assert_eq!(roles[0].1, "active", "{stdout}");
@@ -360,7 +365,6 @@ async fn inspect_names_the_one_active_scheduler() {
 /// before its consumers are open, and its scheduler starts only then, but it never says `none`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_beat_worker_is_a_candidate_from_its_first_inspect_answer() {
-    const SHELL: &str = env!("CARGO_BIN_EXE_test-shell");
     let env = TestEnv::new("beat-first-answer");
     env.track("amqp-tasks.beat");
     bounded(LIMIT, async {
@@ -372,13 +376,9 @@ async fn a_beat_worker_is_a_candidate_from_its_first_inspect_answer() {
             let (_, stdout, _) = env
                 .run(SHELL, &["inspect", "ping", "--timeout", "150ms"])
                 .await;
-            let mine = stdout.lines().find_map(|line| {
-                let answer: serde_json::Value = serde_json::from_str(line).ok()?;
-                answer["worker"]
-                    .as_str()?
-                    .ends_with(&pid)
-                    .then(|| answer["scheduler"].as_str().unwrap_or_default().to_owned())
-            });
+            let mine = scheduler_roles(&stdout)
+                .into_iter()
+                .find_map(|(worker, role)| worker.ends_with(&pid).then_some(role));
             if let Some(role) = mine {
                 break role;
             }

@@ -31,21 +31,20 @@ impl<'writer> FormatFields<'writer> for LogFields {
         // Written into this thread's buffer first, then into `fmt`'s string in one piece: that
         // string starts empty for every span, and growing it a field at a time reallocated it
         // several times per span. (A field whose `Debug` logs gets a buffer of its own.)
-        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut buffer) => {
-                buffer.clear();
-                format_plain(&mut buffer, fields)?;
-                let written = writer.write_str(&buffer);
-                if buffer.capacity() > SCRATCH_KEPT {
-                    *buffer = String::new();
-                }
-                written
+        SCRATCH.with(|scratch| {
+            let mut own = String::new();
+            let mut borrowed = scratch.try_borrow_mut();
+            let buffer = match &mut borrowed {
+                Ok(scratch) => &mut **scratch,
+                Err(_) => &mut own,
+            };
+            buffer.clear();
+            format_plain(buffer, fields)?;
+            let written = writer.write_str(buffer);
+            if buffer.capacity() > SCRATCH_KEPT {
+                *buffer = String::new();
             }
-            Err(_) => {
-                let mut buffer = String::new();
-                format_plain(&mut buffer, fields)?;
-                writer.write_str(&buffer)
-            }
+            written
         })
     }
 }
